@@ -1,0 +1,66 @@
+"""The ``cpu`` and ``cuda`` backends: thin calls into the C++ ops of ``moe_kernels._C``.
+
+Same names and signatures as ``moe_kernels.reference``; the C++ side checks its inputs with
+``TORCH_CHECK`` and dispatches on the tensors' device (CPU kernels always, CUDA kernels when
+the extension was built with them).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from moe_kernels import _ext
+
+if not _ext.LOADED:
+    raise ImportError(f"moe_kernels._C is not loaded: {_ext.LOAD_ERROR}")
+
+_ops = torch.ops.moe_kernels_C
+_NAMES = (
+    "topk_softmax",
+    "topk_softmax_backward",
+    "make_routing",
+    "dispatch",
+    "combine",
+    "combine_weights_grad",
+    "grouped_mm",
+    "grouped_mm_weight_grad",
+)
+
+
+def supported_ops(device: torch.device) -> tuple[str, ...]:
+    """The ops with a kernel registered for ``device``'s dispatch key."""
+    key = "CUDA" if device.type == "cuda" else "CPU"
+    return tuple(n for n in _NAMES if torch._C._dispatch_has_kernel_for_dispatch_key(f"moe_kernels_C::{n}", key))
+
+
+def topk_softmax(logits: Tensor, k: int, renormalize: bool) -> tuple[Tensor, Tensor]:
+    return _ops.topk_softmax(logits, k, renormalize)
+
+
+def topk_softmax_backward(grad_weights: Tensor, logits: Tensor, indices: Tensor, renormalize: bool) -> Tensor:
+    return _ops.topk_softmax_backward(grad_weights, logits, indices, renormalize)
+
+
+def make_routing(indices: Tensor, num_experts: int, capacity: int | None, group_size: int, priority: Tensor | None):
+    return _ops.make_routing(indices, num_experts, capacity, group_size, priority)
+
+
+def dispatch(x: Tensor, rows: Tensor, row_src: Tensor, weights: Tensor | None) -> Tensor:
+    return _ops.dispatch(x, rows, row_src, weights)
+
+
+def combine(y: Tensor, rows: Tensor, row_src: Tensor, weights: Tensor | None) -> Tensor:
+    return _ops.combine(y, rows, row_src, weights)
+
+
+def combine_weights_grad(a: Tensor, b: Tensor, rows: Tensor) -> Tensor:
+    return _ops.combine_weights_grad(a, b, rows)
+
+
+def grouped_mm(x: Tensor, w: Tensor, offsets: Tensor) -> Tensor:
+    return _ops.grouped_mm(x, w, offsets)
+
+
+def grouped_mm_weight_grad(x: Tensor, grad_out: Tensor, offsets: Tensor) -> Tensor:
+    return _ops.grouped_mm_weight_grad(x, grad_out, offsets)

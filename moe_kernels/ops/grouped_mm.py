@@ -1,0 +1,96 @@
+"""``grouped_mm``: one matmul per expert over consecutive row ranges given by ``offsets``.
+
+Shape letters: M rows, E experts, Din input width, N output width.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from moe_kernels import backends
+from moe_kernels.ops._common import FLOAT_DTYPES, check_same_device, check_tensor
+
+
+@torch.library.custom_op("moe_kernels::grouped_mm", mutates_args=())
+def _grouped_mm(x: Tensor, w: Tensor, offsets: Tensor, backend: str) -> Tensor:
+    _, impl = backends.choose("grouped_mm", backend, x.device)
+    return impl(x, w, offsets)
+
+
+@_grouped_mm.register_fake
+def _(x, w, offsets, backend):
+    return x.new_empty(x.shape[0], w.shape[1])
+
+
+@torch.library.custom_op("moe_kernels::grouped_mm_weight_grad", mutates_args=())
+def _grouped_mm_weight_grad(x: Tensor, grad_out: Tensor, offsets: Tensor, backend: str) -> Tensor:
+    _, impl = backends.choose("grouped_mm_weight_grad", backend, x.device)
+    return impl(x, grad_out, offsets)
+
+
+@_grouped_mm_weight_grad.register_fake
+def _(x, grad_out, offsets, backend):
+    return x.new_empty(offsets.shape[0] - 1, grad_out.shape[1], x.shape[1])
+
+
+def _setup(ctx, inputs, output):
+    x, w, offsets, backend = inputs
+    ctx.save_for_backward(x, w, offsets)
+    ctx.backend = backend
+
+
+def _backward(ctx, grad):
+    x, w, offsets = ctx.saved_tensors
+    grad = grad.contiguous()
+    gx = gw = None
+    if ctx.needs_input_grad[0]:
+        # dX = dY @ W_e, i.e. the same grouped matmul with each expert's matrix transposed
+        # (a strided view: the kernels take strides, so nothing is copied).
+        gx = _grouped_mm(grad, w.transpose(1, 2), offsets, ctx.backend)
+    if ctx.needs_input_grad[1]:
+        gw = _grouped_mm_weight_grad(x, grad, offsets, ctx.backend)
+    return gx, gw, None, None
+
+
+_grouped_mm.register_autograd(_backward, setup_context=_setup)
+
+
+def grouped_mm(x: Tensor, w: Tensor, offsets: Tensor, *, backend: str = "auto") -> Tensor:
+    """``out[m] = x[m] @ w[e].T`` for ``offsets[e] <= m < offsets[e+1]``.
+
+    Args:
+        x: ``[M, Din]`` rows grouped by expert (fp32/fp16/bf16, fp64 for gradcheck).
+        w: ``[E, N, Din]`` one matrix per expert (``nn.Linear`` layout), dtype of ``x``.
+        offsets: ``[E+1]`` int64, non-decreasing from 0 to at most M; rows past ``offsets[E]``
+            (padding) come out as zeros.
+        backend: ``auto`` or a name of ``moe_kernels.backends.BACKENDS``.
+
+    Returns:
+        ``[M, N]``, dtype of ``x``.
+    """
+    op = "grouped_mm"
+    check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES, op=op)
+    check_tensor("w", w, ndim=3, dtypes=FLOAT_DTYPES, op=op)
+    check_tensor("offsets", offsets, ndim=1, dtypes=(torch.int64, torch.int32), op=op)
+    E = w.shape[0]
+    if w.dtype != x.dtype:
+        raise TypeError(f"{op}: w must have the dtype of x ({x.dtype}), got {w.dtype}")
+    if w.shape[2] != x.shape[1]:
+        raise ValueError(f"{op}: w must have shape [E, N, Din={x.shape[1]}], got {tuple(w.shape)}")
+    if offsets.shape[0] != E + 1:
+        raise ValueError(f"{op}: offsets must have shape [E+1]=[{E + 1}], got {tuple(offsets.shape)}")
+    check_same_device(op, x=x, w=w, offsets=offsets)
+    offsets = offsets.to(torch.int64).contiguous()
+    if offsets.device.type == "cpu" and not torch.compiler.is_compiling():
+        # Free on the CPU; on a GPU it would be a host sync, so the kernels bound-check there.
+        _check_offsets(op, offsets, x.shape[0])
+    return _grouped_mm(x.contiguous(), w.contiguous(), offsets, backends.requested_backend(backend))
+
+
+def _check_offsets(op: str, offsets: Tensor, M: int) -> None:
+    if offsets[0].item() != 0 or bool((offsets[1:] < offsets[:-1]).any()) or offsets[-1].item() > M:
+        raise ValueError(
+            f"{op}: offsets must be non-decreasing from 0 to at most M={M}, got {offsets.tolist()[:16]}"
+            + ("..." if offsets.shape[0] > 16 else "")
+        )

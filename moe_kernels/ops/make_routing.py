@@ -1,0 +1,205 @@
+"""``compute_capacity`` and ``make_routing``: which expert row every (token, choice) lands in.
+
+Shape letters: T tokens, K choices per token, E experts, G groups of S tokens, C capacity per
+(group, expert), R rows of the expert buffer (E*G*C, or T*K when dropless).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+from torch import Tensor
+
+from moe_kernels import backends
+from moe_kernels.ops._common import check_int, check_same_device, check_tensor
+
+_INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def compute_capacity(
+    num_tokens: int,
+    num_experts: int,
+    k: int,
+    capacity_factor: float,
+    *,
+    multiple_of: int = 4,
+    rounding: str = "ceil",
+) -> int:
+    """Slots per (group, expert): ``ceil(S*K*c/E)`` rounded up to a multiple of ``multiple_of``.
+
+    Computed in V-MoE's order (``(S*K) * c / E``) so the results match its code exactly, e.g.
+    S=400, E=8, K=2, c=1.05 -> 108 and S=1576, E=32, K=2, c=1.05 -> 104.
+
+    Args:
+        num_tokens: S, the tokens of one routing group.
+        num_experts: E.
+        k: K, experts chosen per token.
+        capacity_factor: c > 0.
+        multiple_of: round the capacity up to a multiple of this (0 or 1: no rounding).
+        rounding: ``"ceil"`` or ``"round"`` for the fractional capacity before that.
+    """
+    op = "compute_capacity"
+    check_int("num_tokens", num_tokens, low=0, op=op)
+    check_int("num_experts", num_experts, low=1, op=op)
+    check_int("k", k, low=1, high=num_experts, op=op)
+    check_int("multiple_of", multiple_of, low=0, op=op)
+    if isinstance(capacity_factor, bool) or not isinstance(capacity_factor, (int, float)) or not capacity_factor > 0:
+        raise ValueError(f"{op}: capacity_factor must be a number > 0, got {capacity_factor!r}")
+    raw = num_tokens * k * capacity_factor / num_experts
+    if rounding == "ceil":
+        capacity = int(math.ceil(raw))
+    elif rounding == "round":
+        capacity = int(round(raw))
+    else:
+        raise ValueError(f"{op}: rounding must be 'ceil' or 'round', got {rounding!r}")
+    if capacity < 1:
+        raise ValueError(
+            f"{op}: capacity {raw:.4g} (num_tokens={num_tokens} * k={k} * capacity_factor={capacity_factor}"
+            f" / num_experts={num_experts}) rounds below 1; raise capacity_factor or num_tokens"
+        )
+    if multiple_of > 1:
+        capacity += (-capacity) % multiple_of
+    return capacity
+
+
+@dataclasses.dataclass(frozen=True)
+class Routing:
+    """A routing plan: where each of the T*K assignments goes in the expert buffer.
+
+    Attributes:
+        indices: ``[T, K]`` int64 expert of each assignment.
+        slot: ``[T, K]`` int64 row inside the expert (capacity: ``g*C + position``; dropless:
+            rank within the expert), ``-1`` if dropped.
+        rows: ``[T, K]`` int64 flat buffer row, ``offsets[e] + slot``, ``-1`` if dropped.
+        row_src: ``[R]`` int64 ``t*K + k`` of the assignment each buffer row holds, ``-1`` if empty.
+        counts: ``[E]`` int64 assignments kept per expert.
+        offsets: ``[E+1]`` int64 first buffer row of each expert.
+        num_experts: E.
+        capacity: C, or ``None`` when dropless.
+        num_groups: G.
+        group_size: S.
+    """
+
+    indices: Tensor
+    slot: Tensor
+    rows: Tensor
+    row_src: Tensor
+    counts: Tensor
+    offsets: Tensor
+    num_experts: int
+    capacity: int | None
+    num_groups: int
+    group_size: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.indices.shape[0]
+
+    @property
+    def k(self) -> int:
+        return self.indices.shape[1]
+
+    @property
+    def dropless(self) -> bool:
+        return self.capacity is None
+
+    @property
+    def num_rows(self) -> int:
+        return self.row_src.shape[0]
+
+    def buffer_shape(self, width: int) -> tuple[int, ...]:
+        """``(E, G*C, width)`` with a capacity, ``(T*K, width)`` when dropless."""
+        if self.capacity is None:
+            return (self.num_rows, width)
+        return (self.num_experts, self.num_groups * self.capacity, width)
+
+
+@torch.library.custom_op("moe_kernels::make_routing", mutates_args=())
+def _make_routing(
+    indices: Tensor,
+    num_experts: int,
+    capacity: int | None,
+    group_size: int,
+    priority: Tensor | None,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    _, impl = backends.choose("make_routing", backend, indices.device)
+    return impl(indices, num_experts, capacity, group_size, priority)
+
+
+@_make_routing.register_fake
+def _(indices, num_experts, capacity, group_size, priority, backend):
+    T, K = indices.shape
+    G = T // group_size if group_size > 0 else 0
+    R = num_experts * G * capacity if capacity is not None else T * K
+    i64 = dict(dtype=torch.int64)
+    return (
+        indices.new_empty(T, K, **i64),
+        indices.new_empty(T, K, **i64),
+        indices.new_empty(R, **i64),
+        indices.new_empty(num_experts, **i64),
+        indices.new_empty(num_experts + 1, **i64),
+    )
+
+
+def make_routing(
+    indices: Tensor,
+    num_experts: int,
+    capacity: int | None,
+    *,
+    priority: Tensor | None = None,
+    group_size: int | None = None,
+    backend: str = "auto",
+) -> Routing:
+    """Assign every (token, choice) a row of the expert buffer, V-MoE style.
+
+    Tokens are cut into consecutive groups of ``group_size``; inside a group every token's 1st
+    choice is placed before any token's 2nd choice (K-major), tokens in their order or, with
+    ``priority``, in descending priority (Batch Prioritized Routing, stable). An assignment whose
+    position in its (group, expert) is >= ``capacity`` is dropped.
+
+    Args:
+        indices: ``[T, K]`` integer expert indices in ``[0, num_experts)``.
+        num_experts: E >= 1.
+        capacity: C >= 1 slots per (group, expert), or ``None`` for dropless routing.
+        priority: optional ``[T]`` float priority (e.g. each token's top-1 weight).
+        group_size: S, tokens per group; must divide T. Default: all T tokens form one group.
+        backend: ``auto`` or a name of ``moe_kernels.backends.BACKENDS``.
+    """
+    op = "make_routing"
+    check_tensor("indices", indices, ndim=2, dtypes=_INDEX_DTYPES, op=op)
+    check_int("num_experts", num_experts, low=1, op=op)
+    if capacity is not None:
+        check_int("capacity", capacity, low=1, op=op)
+    T, K = indices.shape
+    check_int("indices.shape[1] (k)", K, low=1, op=op)
+    if group_size is None:
+        group_size = T
+    else:
+        check_int("group_size", group_size, low=1, op=op)
+        if T % group_size != 0:
+            raise ValueError(f"{op}: group_size must divide the number of tokens T={T}, got group_size={group_size}")
+    if priority is not None:
+        check_tensor("priority", priority, ndim=1, dtypes=(torch.float32, torch.float16, torch.bfloat16, torch.float64), op=op)
+        if priority.shape[0] != T:
+            raise ValueError(f"{op}: priority must have shape [T]=[{T}], got {tuple(priority.shape)}")
+        check_same_device(op, indices=indices, priority=priority)
+    indices = indices.to(torch.int64).contiguous()
+    if T > 0 and indices.device.type == "cpu" and not torch.compiler.is_compiling():
+        # A range check needs the values: free on the CPU, a host sync on a GPU (and a graph
+        # break under torch.compile), so there the kernels check where the data lives.
+        lo, hi = int(indices.min()), int(indices.max())
+        if lo < 0 or hi >= num_experts:
+            raise ValueError(f"{op}: indices must be in [0, num_experts={num_experts}), got values in [{lo}, {hi}]")
+    slot, rows, row_src, counts, offsets = _make_routing(
+        indices,
+        num_experts,
+        capacity,
+        group_size,
+        None if priority is None else priority.float().contiguous(),
+        backends.requested_backend(backend),
+    )
+    G = T // group_size if group_size > 0 else 0
+    return Routing(indices, slot, rows, row_src, counts, offsets, num_experts, capacity, G, group_size)
