@@ -61,11 +61,11 @@ def _extensions():
     cuda = _want_cuda()
     rel = lambda pattern: sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))  # noqa: E731
     sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
-    cxx = ["-O3", "-std=c++17", "-fopenmp", "-fvisibility=hidden"]
+    cxx = ["-O3", "-std=c++20", "-fopenmp", "-fvisibility=hidden"]
     ldflags = ["-fopenmp"]
     if _env("MOE_KERNELS_SANITIZE") == "1":
         san = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=undefined"]
-        cxx = ["-O1", "-g", "-std=c++17", "-fopenmp"] + san
+        cxx = ["-O1", "-g", "-std=c++20", "-fopenmp"] + san
         ldflags += san
     arch_list = _env("TORCH_CUDA_ARCH_LIST") or "8.0;9.0a"
     define = [("MOEK_BUILD_ARCHS", f'"{arch_list if cuda else ""}"')]
@@ -73,10 +73,10 @@ def _extensions():
     if cuda:
         # torch reads the arch list from the environment when it builds the nvcc command line.
         os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
-        nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", f"--threads={_env('NVCC_THREADS', '2')}", "-lineinfo"]
+        nvcc = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", f"--threads={_env('NVCC_THREADS', '2')}", "-lineinfo"]
         ext = CUDAExtension(
             "moe_kernels._C",
-            sources + rel("csrc/cuda/*.cu"),
+            sources + rel("csrc/cuda/*.cpp") + rel("csrc/cuda/*.cu"),
             include_dirs=include,
             define_macros=define + [("MOEK_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx, "nvcc": nvcc},

@@ -11,6 +11,8 @@ import importlib
 import os
 import warnings
 
+import torch  # noqa: F401  (loads libc10/libtorch, which _C links against)
+
 LOAD_ERROR: str | None = None
 try:
     importlib.import_module("moe_kernels._C")  # importing registers the moe_kernels_C ops

@@ -28,7 +28,7 @@ def report() -> str:
     if _ext.LOADED:
         lines.append(f"_C build           {_ext.build_info()}")
         lines.append(f"_C CUDA kernels    {'built' if _ext.cuda_kernels_built() else 'not built'}")
-    lines.append(f"{backends.ENV_VAR:<19}{os.environ.get(backends.ENV_VAR, 'auto (unset)')}")
+    lines.append(f"{backends.ENV_VAR}: {os.environ.get(backends.ENV_VAR, 'auto (unset)')}")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for dev in devices:
         lines.append(f"backends on {dev}:")

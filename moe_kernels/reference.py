@@ -49,7 +49,9 @@ def topk_softmax(logits: Tensor, k: int, renormalize: bool) -> tuple[Tensor, Ten
     probs = torch.softmax(logits32, dim=-1)  # [T, E]
     # Selection on the logits (softmax is monotone) is exact on the input values, so every
     # backend picks the same experts; a stable descending sort puts the lower index first.
-    order = torch.sort(logits32, dim=-1, descending=True, stable=True).indices  # [T, E]
+    # NaN ranks like -inf (a row holding NaN gets NaN probabilities, reported as they are).
+    key = torch.nan_to_num(logits32, nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))  # [T, E]
+    order = torch.sort(key, dim=-1, descending=True, stable=True).indices  # [T, E]
     indices = order[:, :k].contiguous()  # [T, K]
     weights = probs.gather(1, indices)  # [T, K]
     if renormalize:
@@ -91,8 +93,9 @@ def make_routing(
     G = T // S if S > 0 else 0
     idx = indices.reshape(G, S, K)  # [G, S, K]
     if priority is not None:
-        # Batch Prioritized Routing: descending priority, ties keep token order.
-        order = torch.sort(priority.float().reshape(G, S), dim=1, descending=True, stable=True).indices  # [G, S]
+        # Batch Prioritized Routing: descending priority, ties keep token order, NaN ranks last.
+        key = torch.nan_to_num(priority.float().reshape(G, S), nan=float("-inf"))  # [G, S]
+        order = torch.sort(key, dim=1, descending=True, stable=True).indices  # [G, S]
     else:
         order = torch.arange(S, device=dev).expand(G, S)  # [G, S]
     ordered = idx.gather(1, order[..., None].expand(G, S, K))  # [G, S, K] in priority order
