@@ -1,0 +1,231 @@
+"""Grouped GEMM: one matmul per expert over the row ranges ``offsets[e]:offsets[e+1]``.
+
+The forward tiles the M rows globally; a tile that straddles expert boundaries runs one
+K-loop per expert it touches, storing only that expert's rows. So the schedule needs no
+host-side knowledge of the group sizes (no sync), costs at most E extra tile passes per
+column block, and serves the dropless layout and the padded ``[E, G*C]`` buffer alike. dX is
+this same kernel with each expert's matrix transposed (a strided view: every operand is read
+through its strides).
+
+Shape letters: M rows, KD reduction width, N output width, E experts.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from moe_kernels.kernels._config import autotune_configs
+
+
+def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int, group_m: int = 8) -> triton.Config:
+    return triton.Config(
+        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m}, num_warps=warps, num_stages=stages
+    )
+
+
+# Candidates follow Triton's matmul tutorial and ScatterMoE: BLOCK_M >= 64 with 4/8 warps is
+# what makes Triton emit wgmma on sm_90 (checked in tests/test_triton_compile.py); the small
+# tiles serve narrow layers and experts with few rows.
+GROUPED_MM_CONFIGS = autotune_configs(
+    [
+        _cfg(128, 256, 64, 8, 3),
+        _cfg(128, 128, 64, 8, 3),
+        _cfg(128, 64, 64, 4, 4),
+        _cfg(64, 128, 64, 4, 4),
+        _cfg(64, 64, 64, 4, 3),
+        _cfg(64, 32, 32, 4, 4),
+    ],
+    interpret=_cfg(32, 32, 32, 4, 1, group_m=2),
+)
+
+# Weight gradient: the tile is [BLOCK_N, BLOCK_K] of dW and BLOCK_M rows are reduced per step.
+GROUPED_MM_WGRAD_CONFIGS = autotune_configs(
+    [
+        _cfg(64, 128, 128, 8, 3),
+        _cfg(64, 128, 64, 4, 3),
+        _cfg(32, 64, 128, 4, 4),
+        _cfg(64, 64, 64, 4, 3),
+        _cfg(32, 64, 64, 4, 4),
+    ],
+    interpret=_cfg(32, 32, 32, 4, 1),
+)
+
+
+def smem_estimate(cfg: triton.Config, elem_size: int, wgrad: bool = False) -> int:
+    """Bytes of shared memory the software pipeline needs for the two operand tiles."""
+    bm, bn, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
+    per_stage = (bn * bm + bm * bk) if wgrad else (bm * bk + bk * bn)
+    return per_stage * elem_size * max(cfg.num_stages, 1)
+
+
+def prune_configs(configs: list, elem_size: int, max_shared: int, wgrad: bool = False) -> list:
+    """The configs whose operand tiles fit ``max_shared`` bytes (fp32 needs twice fp16's)."""
+    kept = [c for c in configs if smem_estimate(c, elem_size, wgrad) <= max_shared]
+    return kept or [min(configs, key=lambda c: smem_estimate(c, elem_size, wgrad))]
+
+
+def _device_max_shared() -> int:
+    driver = triton.runtime.driver.active
+    return driver.utils.get_device_properties(driver.get_current_device())["max_shared_mem"]
+
+
+def _prune_fwd(configs, named_args, **kwargs):
+    return prune_configs(configs, named_args["X_ptr"].element_size(), _device_max_shared())
+
+
+def _prune_wgrad(configs, named_args, **kwargs):
+    return prune_configs(configs, named_args["X_ptr"].element_size(), _device_max_shared(), wgrad=True)
+
+
+@triton.jit
+def _expert_of_row(Off_ptr, m, E):
+    """The first expert e with offsets[e+1] > m (E when m is past offsets[E]): binary search."""
+    lo = m * 0
+    hi = lo + E
+    while lo < hi:
+        mid = (lo + hi) // 2
+        ends_after = tl.load(Off_ptr + mid + 1) > m
+        hi = tl.where(ends_after, mid, hi)
+        lo = tl.where(ends_after, lo, mid + 1)
+    return lo
+
+
+@triton.jit
+def _grouped_mm_kernel(
+    X_ptr,
+    W_ptr,
+    Y_ptr,
+    Off_ptr,
+    M,
+    N,
+    KD,
+    E,
+    stride_xm,
+    stride_xk,
+    stride_we,
+    stride_wn,
+    stride_wk,
+    stride_ym,
+    stride_yn,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """Grid ``(cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N),)``: each program owns a [BLOCK_M, BLOCK_N]
+    tile of y [M, N] = x [M, KD] @ w[e] [N, KD].T per expert range; rows at or past
+    offsets[E] are written as zeros. fp32 accumulation, stored in y's dtype.
+    """
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    # Column blocks of GROUP_M consecutive row blocks run together, so their w tiles stay in L2.
+    width = GROUP_M * num_n
+    first_m = (pid // width) * GROUP_M
+    group_rows = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % group_rows
+    pid_n = (pid % width) // group_rows
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    rm64 = rm.to(tl.int64)
+    n_ok = rn < N
+    m_first = pid_m * BLOCK_M
+    m_last = tl.minimum(m_first + BLOCK_M, M) - 1
+    e_first = _expert_of_row(Off_ptr, m_first, E)
+    e_last = tl.minimum(_expert_of_row(Off_ptr, m_last, E), E - 1)
+    y_ptrs = Y_ptr + rm64[:, None] * stride_ym + rn[None, :].to(tl.int64) * stride_yn
+
+    # The expert's matrix advances by a pointer step: under the interpreter the loop variable
+    # is a Python int, which has no .to(tl.int64).
+    w_expert = W_ptr + e_first.to(tl.int64) * stride_we
+    for e in range(e_first, e_last + 1):
+        start = tl.load(Off_ptr + e)
+        end = tl.load(Off_ptr + e + 1)
+        in_e = (rm >= start) & (rm < end)
+        x_ptrs = X_ptr + rm64[:, None] * stride_xm + rk[None, :] * stride_xk
+        w_ptrs = w_expert + rn[None, :].to(tl.int64) * stride_wn + rk[:, None] * stride_wk
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, KD, BLOCK_K):
+            k_ok = (k0 + rk) < KD
+            a = tl.load(x_ptrs, mask=in_e[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+            x_ptrs += BLOCK_K * stride_xk
+            w_ptrs += BLOCK_K * stride_wk
+        tl.store(y_ptrs, acc.to(Y_ptr.dtype.element_ty), mask=in_e[:, None] & n_ok[None, :])
+        w_expert += stride_we
+
+    past = (rm >= tl.load(Off_ptr + E)) & (rm < M)
+    zeros = tl.zeros((BLOCK_M, BLOCK_N), dtype=Y_ptr.dtype.element_ty)
+    tl.store(y_ptrs, zeros, mask=past[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _grouped_mm_weight_grad_kernel(
+    X_ptr,
+    G_ptr,
+    DW_ptr,
+    Off_ptr,
+    M,
+    N,
+    KD,
+    stride_xm,
+    stride_xk,
+    stride_gm,
+    stride_gn,
+    stride_we,
+    stride_wn,
+    stride_wk,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """Grid ``(cdiv(N, BLOCK_N) * cdiv(KD, BLOCK_K), E)``: each program owns a [BLOCK_N, BLOCK_K]
+    tile of dw[e] = g[rows of e].T @ x[rows of e] (dw [E, N, KD], g [M, N], x [M, KD]) and
+    reduces over the expert's rows BLOCK_M at a time; experts without rows get zeros.
+    """
+    pid = tl.program_id(0)
+    e = tl.program_id(1)
+    num_k = tl.cdiv(KD, BLOCK_K)
+    pid_n = pid // num_k
+    pid_k = pid % num_k
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    rm = tl.arange(0, BLOCK_M)
+    n_ok = rn < N
+    k_ok = rk < KD
+    start = tl.load(Off_ptr + e)
+    end = tl.load(Off_ptr + e + 1)
+
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for m0 in range(start, end, BLOCK_M):
+        rows = m0 + rm
+        m_ok = rows < end
+        g = tl.load(
+            G_ptr + rows[None, :] * stride_gm + rn[:, None].to(tl.int64) * stride_gn,
+            mask=n_ok[:, None] & m_ok[None, :],
+            other=0.0,
+        )
+        x = tl.load(
+            X_ptr + rows[:, None] * stride_xm + rk[None, :].to(tl.int64) * stride_xk,
+            mask=m_ok[:, None] & k_ok[None, :],
+            other=0.0,
+        )
+        acc = tl.dot(g, x, acc, input_precision=INPUT_PRECISION)
+    dw_ptrs = DW_ptr + e.to(tl.int64) * stride_we + rn[:, None].to(tl.int64) * stride_wn + rk[None, :] * stride_wk
+    tl.store(dw_ptrs, acc.to(DW_ptr.dtype.element_ty), mask=n_ok[:, None] & k_ok[None, :])
+
+
+grouped_mm_kernel = triton.autotune(
+    configs=GROUPED_MM_CONFIGS, key=["M", "N", "KD"], prune_configs_by={"early_config_prune": _prune_fwd}
+)(_grouped_mm_kernel)
+
+grouped_mm_weight_grad_kernel = triton.autotune(
+    configs=GROUPED_MM_WGRAD_CONFIGS, key=["M", "N", "KD"], prune_configs_by={"early_config_prune": _prune_wgrad}
+)(_grouped_mm_weight_grad_kernel)
