@@ -1,0 +1,289 @@
+"""The ``triton`` backend: launchers for the kernels of ``moe_kernels.kernels``.
+
+Same names and signatures as ``moe_kernels.reference``. Each launcher allocates its outputs,
+picks block sizes from the shapes and launches; none reads tensor values on the host (no
+``.item()``, ``.tolist()`` or ``nonzero()``), so the GPU never waits for the CPU.
+
+Runs on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (``backends`` decides
+which device is allowed). fp32, fp16 and bf16 run in the kernels (fp32 math and
+accumulation); fp64 inputs, used only by gradcheck, run the reference instead, because the
+kernels accumulate in fp32 and fp64 ``tl.dot`` is not portable across GPUs.
+
+Shape letters: T tokens, D width, E experts, K choices, G groups, S group size, C capacity,
+R buffer rows, M rows, N output width.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+from torch import Tensor
+
+from moe_kernels import reference
+from moe_kernels.kernels import _config
+from moe_kernels.kernels.gather import _combine_kernel, _combine_weights_grad_kernel, _dispatch_kernel
+from moe_kernels.kernels.gating import _topk_softmax_backward_kernel, _topk_softmax_kernel
+from moe_kernels.kernels.grouped_mm import grouped_mm_kernel, grouped_mm_weight_grad_kernel
+from moe_kernels.kernels.routing import _routing_histogram_kernel, _routing_positions_kernel
+
+_OPS = (
+    "topk_softmax",
+    "topk_softmax_backward",
+    "make_routing",
+    "dispatch",
+    "combine",
+    "combine_weights_grad",
+    "grouped_mm",
+    "grouped_mm_weight_grad",
+)
+
+
+def supported_ops(device: torch.device) -> tuple[str, ...]:
+    """Every op has a kernel (CPU tensors need ``TRITON_INTERPRET=1``, checked by ``backends``)."""
+    return _OPS
+
+
+def _fp64(*tensors: Tensor | None) -> bool:
+    return any(t is not None and t.dtype == torch.float64 for t in tensors)
+
+
+def _on_device(t: Tensor):
+    """Triton launches on the current CUDA device: make it the tensor's."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _pow2(n: int, lo: int = 1, hi: int | None = None) -> int:
+    p = max(triton.next_power_of_2(max(n, 1)), lo)
+    return p if hi is None else min(p, hi)
+
+
+def _warps(elements: int) -> int:
+    """4 warps up to 4K elements per tile, 8 beyond: ~16-32 values per thread."""
+    return 4 if elements <= 4096 else 8
+
+
+def _width_block(D: int) -> int:
+    # 128 fp32/fp16 columns per program keeps loads 16-byte vectors with 4 warps and a 2-D grid.
+    return _pow2(D, lo=16, hi=128)
+
+
+def _input_precision(dtype: torch.dtype) -> str:
+    # fp32 follows PyTorch's own switch (off by default), so "fp32" means IEEE fp32 unless the
+    # user allowed TF32 for matmuls.
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def topk_softmax(logits: Tensor, k: int, renormalize: bool) -> tuple[Tensor, Tensor]:
+    if _fp64(logits):
+        return reference.topk_softmax(logits, k, renormalize)
+    T, E = logits.shape
+    weights = torch.empty(T, k, dtype=torch.float32, device=logits.device)  # [T, K]
+    indices = torch.empty(T, k, dtype=torch.int64, device=logits.device)  # [T, K]
+    if T == 0:
+        return weights, indices
+    block_e = _pow2(E)
+    block_t = _pow2(T, hi=max(1, 4096 // block_e))
+    with _on_device(logits):
+        _topk_softmax_kernel[(triton.cdiv(T, block_t),)](
+            logits, weights, indices, T, E, logits.stride(0), logits.stride(1),
+            K=k, RENORMALIZE=bool(renormalize), BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=_pow2(k),
+            num_warps=_warps(block_t * block_e),
+        )  # fmt: skip
+    return weights, indices
+
+
+def topk_softmax_backward(grad_weights: Tensor, logits: Tensor, indices: Tensor, renormalize: bool) -> Tensor:
+    if _fp64(grad_weights, logits):
+        return reference.topk_softmax_backward(grad_weights, logits, indices, renormalize)
+    T, E = logits.shape
+    K = indices.shape[1]
+    grad_logits = torch.empty_like(logits, memory_format=torch.contiguous_format)  # [T, E]
+    if T == 0:
+        return grad_logits
+    grad_weights = grad_weights.contiguous()
+    indices = indices.contiguous()
+    block_e = _pow2(E)
+    block_t = _pow2(T, hi=max(1, 4096 // block_e))
+    with _on_device(logits):
+        _topk_softmax_backward_kernel[(triton.cdiv(T, block_t),)](
+            grad_weights, logits, indices, grad_logits, T, E,
+            logits.stride(0), logits.stride(1), grad_logits.stride(0), grad_logits.stride(1),
+            K=K, RENORMALIZE=bool(renormalize), BLOCK_T=block_t, BLOCK_E=block_e,
+            num_warps=_warps(block_t * block_e),
+        )  # fmt: skip
+    return grad_logits
+
+
+def _routing_block() -> int:
+    # Sequence entries per program: the pairwise rank is BLOCK**2, so 128 keeps it at 16K
+    # comparisons. The interpreter uses 32 so that small test shapes span several chunks and
+    # exercise the cross-chunk scan.
+    return 32 if _config.interpreting() else 128
+
+
+def make_routing(
+    indices: Tensor,
+    num_experts: int,
+    capacity: int | None,
+    group_size: int,
+    priority: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    indices = indices.to(torch.int64).contiguous()
+    T, K = indices.shape
+    E, S, C = num_experts, group_size, capacity
+    dev = indices.device
+    G = T // S if S > 0 else 0
+    R = E * G * C if C is not None else T * K
+    i64 = dict(dtype=torch.int64, device=dev)
+    slot = torch.empty(T, K, **i64)  # [T, K]
+    rows = torch.empty(T, K, **i64)  # [T, K]
+    row_src = torch.full((R,), -1, **i64)  # [R]
+    if G == 0 or K == 0:
+        counts = torch.zeros(E, **i64)
+        offsets = torch.arange(E + 1, **i64) * (G * C) if C is not None else torch.zeros(E + 1, **i64)
+        return slot, rows, row_src, counts, offsets
+
+    order = indices  # placeholder pointer, unread unless HAS_ORDER
+    if priority is not None:
+        # Batch Prioritized Routing: torch's stable sort gives the descending, token-order-on-
+        # ties permutation [G, S]; the kernels read tokens through it.
+        order = torch.sort(priority.float().reshape(G, S), dim=1, descending=True, stable=True).indices.contiguous()
+
+    block = _routing_block()
+    nchunk = triton.cdiv(K * S, block)
+    grid = (G * nchunk,)
+    hist = torch.empty(G, nchunk, E, dtype=torch.int32, device=dev)  # [G, NCHUNK, E]
+    has_order = priority is not None
+    with _on_device(indices):
+        _routing_histogram_kernel[grid](
+            indices, order, hist, S, K, E, nchunk,
+            HAS_ORDER=has_order, BLOCK=block, BLOCK_E=_pow2(E, hi=64), num_warps=4,
+        )  # fmt: skip
+
+        # The exclusive scan over chunks (and groups) runs on a table of G*NCHUNK*E integers:
+        # torch.cumsum is exact on integers, so positions stay deterministic.
+        per_group = hist.sum(dim=1, dtype=torch.int64)  # [G, E]
+        before = hist.cumsum(dim=1, dtype=torch.int64) - hist  # [G, NCHUNK, E] within the group
+        if C is not None:
+            counts = per_group.clamp(max=C).sum(dim=0)  # [E]
+            offsets = torch.arange(E + 1, **i64) * (G * C)  # [E+1]
+        else:
+            before += (per_group.cumsum(dim=0) - per_group)[:, None, :]  # plus earlier groups
+            counts = per_group.sum(dim=0)  # [E]
+            offsets = torch.nn.functional.pad(counts.cumsum(0), (1, 0))  # [E+1]
+        before = before.contiguous()
+
+        _routing_positions_kernel[grid](
+            indices, order, before, offsets, slot, rows, row_src, S, K, E, nchunk, C if C is not None else 0,
+            HAS_ORDER=has_order, DROPLESS=C is None, BLOCK=block, num_warps=4 if block <= 64 else 8,
+        )  # fmt: skip
+    return slot, rows, row_src, counts, offsets
+
+
+def dispatch(x: Tensor, rows: Tensor, row_src: Tensor, weights: Tensor | None) -> Tensor:
+    if _fp64(x, weights):
+        return reference.dispatch(x, rows, row_src, weights)
+    K = rows.shape[1]
+    R, D = row_src.shape[0], x.shape[1]
+    out = torch.empty(R, D, dtype=x.dtype, device=x.device)  # [R, D]
+    if R == 0 or D == 0:
+        return out
+    row_src = row_src.contiguous()
+    w = weights.contiguous() if weights is not None else row_src
+    block_d = _width_block(D)
+    block_r = 32
+    with _on_device(x):
+        _dispatch_kernel[(triton.cdiv(R, block_r), triton.cdiv(D, block_d))](
+            x, row_src, w, out, R, D, K, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
+            HAS_WEIGHTS=weights is not None, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4,
+        )  # fmt: skip
+    return out
+
+
+def combine(y: Tensor, rows: Tensor, row_src: Tensor, weights: Tensor | None) -> Tensor:
+    if _fp64(y, weights):
+        return reference.combine(y, rows, row_src, weights)
+    T, K = rows.shape
+    D = y.shape[1]
+    out = torch.empty(T, D, dtype=y.dtype, device=y.device)  # [T, D]
+    if T == 0 or D == 0:
+        return out
+    rows = rows.contiguous()
+    w = weights.contiguous() if weights is not None else rows
+    block_d = _width_block(D)
+    block_t = 32
+    with _on_device(y):
+        _combine_kernel[(triton.cdiv(T, block_t), triton.cdiv(D, block_d))](
+            y, rows, w, out, T, D, K, y.stride(0), y.stride(1), out.stride(0), out.stride(1),
+            HAS_WEIGHTS=weights is not None, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=4,
+        )  # fmt: skip
+    return out
+
+
+def combine_weights_grad(a: Tensor, b: Tensor, rows: Tensor) -> Tensor:
+    if _fp64(a, b):
+        return reference.combine_weights_grad(a, b, rows)
+    T, K = rows.shape
+    D = a.shape[1]
+    g = torch.empty(T, K, dtype=torch.float32, device=a.device)  # [T, K]
+    if T == 0:
+        return g
+    rows = rows.contiguous()
+    block_d = _width_block(D)
+    block_t = 32
+    with _on_device(a):
+        _combine_weights_grad_kernel[(triton.cdiv(T, block_t),)](
+            a, b, rows, g, T, D, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+            BLOCK_T=block_t, BLOCK_D=block_d, num_warps=4,
+        )  # fmt: skip
+    return g
+
+
+def grouped_mm(x: Tensor, w: Tensor, offsets: Tensor) -> Tensor:
+    if _fp64(x, w):
+        return reference.grouped_mm(x, w, offsets)
+    M, KD = x.shape
+    E, N, _ = w.shape
+    out = torch.empty(M, N, dtype=x.dtype, device=x.device)  # [M, N]
+    if M == 0 or N == 0:
+        return out
+    offsets = offsets.to(torch.int64).contiguous()
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+    with _on_device(x):
+        grouped_mm_kernel[grid](
+            x, w, out, offsets, M, N, KD, E,
+            x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2), out.stride(0), out.stride(1),
+            INPUT_PRECISION=_input_precision(x.dtype),
+        )  # fmt: skip
+    return out
+
+
+def grouped_mm_weight_grad(x: Tensor, grad_out: Tensor, offsets: Tensor) -> Tensor:
+    if _fp64(x, grad_out):
+        return reference.grouped_mm_weight_grad(x, grad_out, offsets)
+    M, KD = x.shape
+    N = grad_out.shape[1]
+    E = offsets.shape[0] - 1
+    dw = torch.empty(E, N, KD, dtype=x.dtype, device=x.device)  # [E, N, KD]
+    if E == 0 or N == 0 or KD == 0:
+        return dw
+    offsets = offsets.to(torch.int64).contiguous()
+
+    def grid(meta):
+        return (triton.cdiv(N, meta["BLOCK_N"]) * triton.cdiv(KD, meta["BLOCK_K"]), E)
+
+    with _on_device(x):
+        grouped_mm_weight_grad_kernel[grid](
+            x, grad_out, dw, offsets, M, N, KD,
+            x.stride(0), x.stride(1), grad_out.stride(0), grad_out.stride(1),
+            dw.stride(0), dw.stride(1), dw.stride(2),
+            INPUT_PRECISION=_input_precision(x.dtype),
+        )  # fmt: skip
+    return dw
