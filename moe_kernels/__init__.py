@@ -1,17 +1,27 @@
 """moe_kernels: fast Mixture-of-Experts layers for vision transformers.
 
 Functional API (DESIGN.md section 4): ``compute_capacity``, ``topk_softmax``, ``make_routing``,
-``dispatch``, ``combine``, ``grouped_mm`` and ``losses``. Every tensor op is a ``torch.library``
+``dispatch``, ``combine``, ``grouped_mm`` and ``losses``. Modules: ``MoEMlp``, the routers of
+``routers``; ``moeify`` and ``aux_loss`` for whole models. Every tensor op is a ``torch.library``
 custom op in the ``moe_kernels`` namespace, runnable by several backends (``backends``).
 """
 
-from moe_kernels import _ext, backends, losses, reference
+from moe_kernels import _ext, backends, losses, reference, routers
+from moe_kernels.convert import aux_loss, moeify
+from moe_kernels.layers import MoEMlp
 from moe_kernels.ops import Routing, combine, compute_capacity, dispatch, grouped_mm, make_routing, topk_softmax
+from moe_kernels.routers import ExpertChoiceRouter, NoisyTopKRouter, PerImageRouter, RouterOutput
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ExpertChoiceRouter",
+    "MoEMlp",
+    "NoisyTopKRouter",
+    "PerImageRouter",
+    "RouterOutput",
     "Routing",
+    "aux_loss",
     "backends",
     "combine",
     "compute_capacity",
@@ -19,6 +29,8 @@ __all__ = [
     "grouped_mm",
     "losses",
     "make_routing",
+    "moeify",
     "reference",
+    "routers",
     "topk_softmax",
 ]

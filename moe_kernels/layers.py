@@ -1,0 +1,292 @@
+"""``MoEMlp``: a drop-in Mixture-of-Experts replacement for timm's ``Mlp``.
+
+Shape letters: T tokens, D input width, H expert hidden width, Dout output width, E experts,
+K choices per token, G groups of S tokens, C capacity per (group, expert), R buffer rows
+(E*G*C with a capacity, T*K dropless).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from moe_kernels.ops import Routing, combine, dispatch, grouped_mm
+from moe_kernels.routers import (
+    ExpertChoiceRouter,
+    NoisyTopKRouter,
+    RouterOutput,
+    _check_factor,
+)
+
+__all__ = ["MoEMlp", "ROUTERS"]
+
+#: ``router=`` choices: V-MoE's noisy top-K, expert choice, or none (routing passed to forward).
+ROUTERS = ("vmoe", "expert_choice", "external")
+
+
+def _pair(v):
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
+class MoEMlp(nn.Module):
+    """E expert MLPs (``fc1 -> act -> drop -> norm -> fc2 -> drop``) behind a router.
+
+    Accepts timm's ``Mlp`` arguments (``norm_layer`` acts on the hidden width and is shared by
+    the experts) plus the MoE keywords of DESIGN.md section 4. Each token goes to its K experts
+    (capacity-bounded per group of ``group_size`` tokens, or dropless), and their outputs are
+    summed with the router's weights; a dropped assignment contributes nothing.
+
+    Parameters: ``router.weight [E, D]`` (absent with ``router="external"``),
+    ``fc1_weight [E, H, D]``, ``fc1_bias [E, H]``, ``fc2_weight [E, Dout, H]``,
+    ``fc2_bias [E, Dout]`` (biases absent with ``bias=False``).
+
+    Args:
+        in_features: D.
+        hidden_features: H (default D).
+        out_features: Dout (default D).
+        act_layer: activation class (instantiated without arguments), as in timm.
+        norm_layer: optional norm class over H, as in timm.
+        bias: bool or a pair (fc1, fc2).
+        drop: dropout probability or a pair (after the activation, after fc2).
+        num_experts: E.
+        k: K, experts per token, 1 <= k <= E (ignored by ``router="expert_choice"``).
+        capacity_factor: c > 0 in training (capacity ``compute_capacity(S, E, K, c)``), or
+            ``None`` for dropless routing.
+        eval_capacity_factor: the factor in eval mode (``None``: ``capacity_factor``). Both can
+            be reassigned between calls (V-MoE's test-time compute/accuracy trade-off).
+        router: ``"vmoe"`` (noisy top-K), ``"expert_choice"``, or ``"external"`` (no own router:
+            every call passes ``routing=``, e.g. from a ``PerImageRouter``).
+        batch_priority: Batch Prioritized Routing (by each token's top-1 weight).
+        noise_std: router noise in training, ``noise_std / E`` standard deviation.
+        renormalize: divide each token's K weights by their sum.
+        group_size: S, tokens per routing group (image-major, consecutive); must divide the
+            tokens of each call. ``None``: all tokens of the call form one group.
+        importance_weight, load_weight, gshard_weight: the router's auxiliary loss weights.
+        backend: ``auto`` or a name of ``moe_kernels.backends.BACKENDS``, for every op.
+        device, dtype: of the parameters.
+
+    Attributes:
+        aux_loss: scalar auxiliary loss of the last forward (already weighted), or ``None``
+            before the first one. ``moe_kernels.aux_loss(model)`` sums them over a model.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden_features: int | None = None,
+        out_features: int | None = None,
+        act_layer: type[nn.Module] = nn.GELU,
+        norm_layer: type[nn.Module] | None = None,
+        bias: bool | tuple[bool, bool] = True,
+        drop: float | tuple[float, float] = 0.0,
+        *,
+        num_experts: int,
+        k: int = 2,
+        capacity_factor: float | None = 1.05,
+        eval_capacity_factor: float | None = None,
+        router: str = "vmoe",
+        batch_priority: bool = False,
+        noise_std: float = 1.0,
+        renormalize: bool = False,
+        group_size: int | None = None,
+        importance_weight: float = 0.005,
+        load_weight: float = 0.005,
+        gshard_weight: float = 0.0,
+        backend: str = "auto",
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        out_features = out_features or in_features
+        hidden_features = hidden_features or in_features
+        for name, v in (
+            ("in_features", in_features),
+            ("hidden_features", hidden_features),
+            ("out_features", out_features),
+            ("num_experts", num_experts),
+        ):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"MoEMlp: {name} must be an int >= 1, got {v!r}")
+        if router not in ROUTERS:
+            raise ValueError(f"MoEMlp: router must be one of {ROUTERS}, got {router!r}")
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= num_experts:
+            raise ValueError(f"MoEMlp: k must be an int in [1, num_experts={num_experts}], got {k!r}")
+        if group_size is not None and (
+            isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1
+        ):
+            raise ValueError(f"MoEMlp: group_size must be an int >= 1 or None, got {group_size!r}")
+        self.in_features = in_features
+        self.hidden_features = hidden_features
+        self.out_features = out_features
+        self.num_experts = num_experts
+        self.k = k
+        self.router_type = router
+        self.group_size = group_size
+        self.renormalize = bool(renormalize)
+        self.batch_priority = bool(batch_priority)
+        self.backend = backend
+        self.capacity_factor = capacity_factor
+        self.eval_capacity_factor = eval_capacity_factor
+        self.aux_loss: Tensor | None = None
+
+        if router == "vmoe":
+            self.router = NoisyTopKRouter(
+                in_features,
+                num_experts,
+                k,
+                noise_std=noise_std,
+                renormalize=renormalize,
+                batch_priority=batch_priority,
+                importance_weight=importance_weight,
+                load_weight=load_weight,
+                gshard_weight=gshard_weight,
+                backend=backend,
+                **dd,
+            )
+        elif router == "expert_choice":
+            if capacity_factor is None:
+                raise ValueError("MoEMlp: capacity_factor must be a number > 0 for router='expert_choice'")
+            self.router = ExpertChoiceRouter(in_features, num_experts, noise_std=noise_std, **dd)
+        else:
+            self.router = None
+
+        E, H, D, Dout = num_experts, hidden_features, in_features, out_features
+        bias1, bias2 = _pair(bias)
+        drop1, drop2 = _pair(drop)
+        self.fc1_weight = nn.Parameter(torch.empty(E, H, D, **dd))
+        self.fc1_bias = nn.Parameter(torch.empty(E, H, **dd)) if bias1 else None
+        self.act = act_layer()
+        self.drop1 = nn.Dropout(drop1)
+        self.norm = norm_layer(H, **dd) if norm_layer is not None else nn.Identity()
+        self.fc2_weight = nn.Parameter(torch.empty(E, Dout, H, **dd))
+        self.fc2_bias = nn.Parameter(torch.empty(E, Dout, **dd)) if bias2 else None
+        self.drop2 = nn.Dropout(drop2)
+        self.reset_parameters()
+
+    # Validated on assignment so a bad value fails where it is set, not deep in a forward.
+    @property
+    def capacity_factor(self) -> float | None:
+        return self._capacity_factor
+
+    @capacity_factor.setter
+    def capacity_factor(self, value: float | None) -> None:
+        self._capacity_factor = _check_factor("MoEMlp: capacity_factor", value, allow_none=True)
+
+    @property
+    def eval_capacity_factor(self) -> float | None:
+        return self._eval_capacity_factor
+
+    @eval_capacity_factor.setter
+    def eval_capacity_factor(self, value: float | None) -> None:
+        self._eval_capacity_factor = _check_factor("MoEMlp: eval_capacity_factor", value, allow_none=True)
+
+    def current_capacity_factor(self) -> float | None:
+        """The factor this mode routes with: ``eval_capacity_factor`` in eval when set."""
+        if not self.training and self._eval_capacity_factor is not None:
+            return self._eval_capacity_factor
+        return self._capacity_factor
+
+    def reset_parameters(self) -> None:
+        """Each expert as ``nn.Linear`` initialises itself; the router likewise."""
+        if self.router is not None:
+            self.router.reset_parameters()
+        for w, b in ((self.fc1_weight, self.fc1_bias), (self.fc2_weight, self.fc2_bias)):
+            bound = 1.0 / math.sqrt(w.shape[2])
+            # kaiming_uniform(a=sqrt(5)) of nn.Linear is uniform(+-1/sqrt(fan_in)).
+            nn.init.uniform_(w, -bound, bound)
+            if b is not None:
+                nn.init.uniform_(b, -bound, bound)
+        if hasattr(self.norm, "reset_parameters"):
+            self.norm.reset_parameters()
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, hidden_features={self.hidden_features}, "
+            f"out_features={self.out_features}, num_experts={self.num_experts}, k={self.k}, "
+            f"router={self.router_type!r}, capacity_factor={self.capacity_factor}, "
+            f"eval_capacity_factor={self.eval_capacity_factor}, group_size={self.group_size}, "
+            f"batch_priority={self.batch_priority}, renormalize={self.renormalize}, backend={self.backend!r}"
+        )
+
+    def forward(self, x: Tensor, routing: RouterOutput | None = None) -> Tensor:
+        """Args:
+            x: ``[..., D]`` activations, tokens image-major.
+            routing: a plan computed outside (e.g. ``PerImageRouter``) for the ``T = x[..., 0].numel()``
+                tokens; required with ``router="external"``, overrides the own router otherwise.
+
+        Returns:
+            ``[..., Dout]``, dtype of ``x``.
+        """
+        if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[-1] != self.in_features:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"MoEMlp: x must have shape [..., in_features={self.in_features}], got {shape}")
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)  # [T, D]
+        T = x2.shape[0]
+        if routing is None:
+            if self.router is None:
+                raise ValueError("MoEMlp: routing must be given when router='external'")
+            if T == 0:
+                self.aux_loss = x.new_zeros((), dtype=torch.float32)
+                return self._empty(x2, lead)
+            routing = self.router(x2, capacity_factor=self.current_capacity_factor(), group_size=self.group_size)
+            self.aux_loss = routing.aux_loss
+        else:
+            if not isinstance(routing, RouterOutput):
+                raise TypeError(
+                    f"MoEMlp: routing must be a moe_kernels.routers.RouterOutput, got {type(routing).__name__}"
+                )
+            if routing.routing.num_tokens != T or routing.routing.num_experts != self.num_experts:
+                raise ValueError(
+                    f"MoEMlp: routing is for {routing.routing.num_tokens} tokens and {routing.routing.num_experts}"
+                    f" experts, the call has {T} tokens and the layer {self.num_experts} experts"
+                )
+            self.aux_loss = x.new_zeros((), dtype=torch.float32)
+            if T == 0:
+                return self._empty(x2, lead)
+        out = self.experts(x2, routing.routing, routing.weights)  # [T, Dout]
+        return out.reshape(*lead, self.out_features)
+
+    def _empty(self, x2: Tensor, lead: torch.Size) -> Tensor:
+        # No tokens: nothing to route (a capacity for 0-token groups is undefined). The output
+        # stays attached to x so a backward through an empty batch still runs.
+        return x2.new_zeros(*lead, self.out_features) + x2.sum() * 0
+
+    def experts(self, x: Tensor, routing: Routing, weights: Tensor) -> Tensor:
+        """The expert MLPs on a routed batch: dispatch, two grouped matmuls, combine.
+
+        Args:
+            x: ``[T, D]``.
+            routing: the plan for the T tokens.
+            weights: ``[T, K]`` combine weights.
+
+        Returns:
+            ``[T, Dout]``, dtype of ``x``.
+        """
+        be = self.backend
+        buf = dispatch(x, routing, backend=be)  # [E, G*C, D] or [T*K, D]
+        R = routing.num_rows
+        h = grouped_mm(buf.reshape(R, self.in_features), self.fc1_weight, routing.offsets, backend=be)  # [R, H]
+        h = self._add_bias(h, self.fc1_bias, routing)  # [R, H]
+        h = self.norm(self.drop1(self.act(h)))  # [R, H]
+        y = grouped_mm(h, self.fc2_weight, routing.offsets, backend=be)  # [R, Dout]
+        y = self.drop2(self._add_bias(y, self.fc2_bias, routing))  # [R, Dout]
+        # Empty rows of a padded buffer now hold act(b1) @ W2.T + b2, not zeros; combine reads
+        # only the rows of kept assignments, so they never reach the output (nor any gradient).
+        return combine(y, routing, weights, backend=be)  # [T, Dout]
+
+    def _add_bias(self, h: Tensor, bias: Tensor | None, routing: Routing) -> Tensor:
+        if bias is None:
+            return h
+        E, N = bias.shape
+        if routing.capacity is not None:
+            # Padded layout: expert e owns rows e*G*C : (e+1)*G*C, a plain broadcast.
+            return (h.view(E, -1, N) + bias[:, None, :]).view(h.shape)  # [R, N]
+        # Dropless: rows of expert e are offsets[e]:offsets[e+1]; the expert of each row comes
+        # from a search in the offsets, with static shapes and no host sync.
+        rows = torch.arange(h.shape[0], device=h.device)  # [R]
+        expert = torch.bucketize(rows, routing.offsets[1:], right=True)  # [R]
+        return h + bias[expert]  # [R, N]

@@ -1,0 +1,354 @@
+"""Routers: which experts each token goes to, with what weight, and at what auxiliary cost.
+
+A router turns activations into a ``RouterOutput``: a routing plan (``moe_kernels.Routing``)
+plus the combine weights for it. ``MoEMlp`` owns a token router (V-MoE's noisy top-k, or
+expert choice); a per-image router (Mobile V-MoE) is called once by the model and its output
+handed to several ``MoEMlp`` layers (``layer(x, routing=out)``).
+
+Shape letters: T tokens, D model width, E experts, K choices per token, G groups of S tokens
+(T = G*S), C capacity per (group, expert), B images, N tokens per image (T = B*N).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moe_kernels import losses
+from moe_kernels.ops import Routing, compute_capacity, make_routing, topk_softmax
+
+__all__ = [
+    "ExpertChoiceRouter",
+    "NoisyTopKRouter",
+    "PerImageRouter",
+    "RouterOutput",
+    "superclass_loss",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class RouterOutput:
+    """What a router decided for one call.
+
+    Attributes:
+        routing: the plan for the T tokens (``routing.num_tokens == T``).
+        weights: ``[T, K]`` combine weights (fp32), aligned with ``routing.indices``.
+        logits: clean router logits, fp32: ``[T, E]`` for token routers, ``[B, E]`` for the
+            per-image router (the input of Mobile V-MoE's super-class cross-entropy).
+        aux_loss: scalar fp32, the weighted sum of the router's auxiliary losses (0 if none).
+    """
+
+    routing: Routing
+    weights: Tensor
+    logits: Tensor
+    aux_loss: Tensor
+
+
+def _check_factor(name: str, value: object, *, allow_none: bool) -> float | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{name} must be a number > 0{' or None' if allow_none else ''}, got {value!r}")
+    return float(value)
+
+
+def _groups(num_tokens: int, group_size: int | None) -> int:
+    """S, checked: group_size must divide the tokens of the call."""
+    if group_size is None:
+        return num_tokens
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size must be an int >= 1 or None, got {group_size!r}")
+    if num_tokens % group_size != 0:
+        raise ValueError(
+            f"group_size={group_size} must divide the number of tokens of the call, got {num_tokens} tokens"
+        )
+    return group_size
+
+
+def _router_weight(num_experts: int, in_features: int, device, dtype) -> nn.Parameter:
+    return nn.Parameter(torch.empty(num_experts, in_features, device=device, dtype=dtype))
+
+
+def _logits(x: Tensor, weight: Tensor) -> Tensor:
+    # Routing decisions are made in fp32 whatever the activations' dtype: a bf16 matmul
+    # would flip near-ties from one backend to another.
+    return F.linear(x.float(), weight.float())  # [T, E]
+
+
+class NoisyTopKRouter(nn.Module):
+    """V-MoE's router (Riquelme et al. 2021): noisy softmax top-K with capacity per group.
+
+    ``logits = x @ weight.T``; in training ``noisy = logits + (noise_std / E) * N(0, 1)``
+    (torch's RNG); softmax over all E, top-K (ties to the lower index), K-major placement per
+    group of ``group_size`` tokens, optionally Batch Prioritized (by top-1 weight).
+
+    Auxiliary loss (per group, mean over groups), as V-MoE computes it:
+    ``importance_weight * importance(softmax(logits))`` always, ``load_weight * load`` in
+    training when there is noise, ``gshard_weight * gshard(p)`` with ``p`` the probabilities
+    that route (noisy in training). Losses whose weight is 0 are not computed.
+
+    Parameters: ``weight [E, D]`` (an ``nn.Linear(D, E, bias=False)``'s layout).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        num_experts: int,
+        k: int = 2,
+        *,
+        noise_std: float = 1.0,
+        renormalize: bool = False,
+        batch_priority: bool = False,
+        importance_weight: float = 0.005,
+        load_weight: float = 0.005,
+        gshard_weight: float = 0.0,
+        backend: str = "auto",
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        _check_sizes(in_features, num_experts)
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= num_experts:
+            raise ValueError(f"k must be an int in [1, num_experts={num_experts}], got {k!r}")
+        if not noise_std >= 0:
+            raise ValueError(f"noise_std must be >= 0, got {noise_std!r}")
+        for name, w in (
+            ("importance_weight", importance_weight),
+            ("load_weight", load_weight),
+            ("gshard_weight", gshard_weight),
+        ):
+            if not w >= 0:
+                raise ValueError(f"{name} must be >= 0, got {w!r}")
+        self.in_features = in_features
+        self.num_experts = num_experts
+        self.k = k
+        self.noise_std = float(noise_std)
+        self.renormalize = bool(renormalize)
+        self.batch_priority = bool(batch_priority)
+        self.importance_weight = float(importance_weight)
+        self.load_weight = float(load_weight)
+        self.gshard_weight = float(gshard_weight)
+        self.backend = backend
+        self.weight = _router_weight(num_experts, in_features, device, dtype)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.kaiming_uniform_(self.weight, a=5**0.5)  # nn.Linear's default
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, num_experts={self.num_experts}, k={self.k}, "
+            f"noise_std={self.noise_std}, renormalize={self.renormalize}, batch_priority={self.batch_priority}"
+        )
+
+    def forward(self, x: Tensor, *, capacity_factor: float | None, group_size: int | None = None) -> RouterOutput:
+        """Route T tokens.
+
+        Args:
+            x: ``[T, D]`` activations.
+            capacity_factor: c > 0 (capacity ``compute_capacity(S, E, K, c)`` per group and
+                expert), or ``None`` for dropless routing.
+            group_size: S, tokens per routing group; must divide T. ``None``: one group.
+        """
+        T, E, K = x.shape[0], self.num_experts, self.k
+        S = _groups(T, group_size)
+        capacity_factor = _check_factor("capacity_factor", capacity_factor, allow_none=True)
+        logits = _logits(x, self.weight)  # [T, E]
+        noisy = logits
+        sigma = self.noise_std / E
+        noised = self.training and sigma > 0
+        if noised:
+            noisy = logits + sigma * torch.randn_like(logits)  # [T, E]
+        # Fused gating without renormalisation: BPR ranks tokens by the raw top-1 probability.
+        raw, indices = topk_softmax(noisy, K, backend=self.backend)  # [T, K], [T, K]
+        weights = raw / raw.sum(dim=-1, keepdim=True) if self.renormalize else raw  # [T, K]
+        priority = raw[:, 0].detach() if self.batch_priority else None  # [T]
+        C = None if capacity_factor is None else compute_capacity(S, E, K, capacity_factor)
+        routing = make_routing(indices, E, C, priority=priority, group_size=S, backend=self.backend)
+
+        G = T // S
+        aux = logits.new_zeros(())
+        if self.importance_weight > 0:
+            aux = aux + self.importance_weight * losses.importance_loss(torch.softmax(logits, -1).view(G, S, E))
+        if self.load_weight > 0 and noised:
+            aux = aux + self.load_weight * losses.load_loss(logits.view(G, S, E), noisy.view(G, S, E), sigma, K)
+        if self.gshard_weight > 0:
+            aux = aux + self.gshard_weight * losses.gshard_loss(torch.softmax(noisy, -1).view(G, S, E))
+        return RouterOutput(routing, weights, logits, aux)
+
+
+class ExpertChoiceRouter(nn.Module):
+    """Expert-choice routing (Zhou et al. 2022; V-MoE's ``NoisyTopItemsPerExpertRouter``).
+
+    Per group of S tokens, each expert takes its C most probable tokens, C =
+    ``min(compute_capacity(S, E, 1, c), S)``; ties go to the lower token index. A token may be
+    taken by any number of experts (none included: it keeps only its residual). Training noise
+    as in ``NoisyTopKRouter``; no auxiliary loss (the load is balanced by construction).
+
+    The plan has K = E: ``indices[t, e] = e``, ``slot[t, e] = -1`` where expert e did not take
+    token t, and ``weights[t, e] = p[t, e]`` (softmax over experts).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        num_experts: int,
+        *,
+        noise_std: float = 1.0,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        _check_sizes(in_features, num_experts)
+        if not noise_std >= 0:
+            raise ValueError(f"noise_std must be >= 0, got {noise_std!r}")
+        self.in_features = in_features
+        self.num_experts = num_experts
+        self.noise_std = float(noise_std)
+        self.weight = _router_weight(num_experts, in_features, device, dtype)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.kaiming_uniform_(self.weight, a=5**0.5)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, num_experts={self.num_experts}, noise_std={self.noise_std}"
+
+    def forward(self, x: Tensor, *, capacity_factor: float | None, group_size: int | None = None) -> RouterOutput:
+        """Route T tokens (see ``NoisyTopKRouter.forward``; ``capacity_factor`` is required)."""
+        if capacity_factor is None:
+            raise ValueError(
+                "capacity_factor must be a number > 0 for the expert_choice router (it has no dropless mode)"
+            )
+        capacity_factor = _check_factor("capacity_factor", capacity_factor, allow_none=False)
+        T, E = x.shape[0], self.num_experts
+        S = _groups(T, group_size)
+        G = T // S
+        C = min(compute_capacity(S, E, 1, capacity_factor), S)
+        logits = _logits(x, self.weight)  # [T, E]
+        noisy = logits
+        if self.training and self.noise_std > 0:
+            noisy = logits + (self.noise_std / E) * torch.randn_like(logits)  # [T, E]
+        probs = torch.softmax(noisy, dim=-1)  # [T, E]
+        routing = expert_choice_routing(probs.detach().view(G, S, E), C)
+        return RouterOutput(routing, probs, logits, logits.new_zeros(()))
+
+
+def expert_choice_routing(probs: Tensor, capacity: int) -> Routing:
+    """The plan in which each expert of each group takes its ``capacity`` most probable tokens.
+
+    Built from static-shape gathers and scatters (no host sync), in the padded layout
+    ``[E, G*C, D]``: row ``e*G*C + g*C + c`` holds the c-th pick of expert e in group g.
+
+    Args:
+        probs: ``[G, S, E]`` routing probabilities.
+        capacity: C, 1 <= C <= S.
+    """
+    G, S, E = probs.shape
+    C = capacity
+    dev = probs.device
+    T = G * S
+    order = torch.sort(probs.transpose(1, 2), dim=-1, descending=True, stable=True).indices[..., :C]  # [G, E, C]
+    g_idx = torch.arange(G, device=dev).view(G, 1, 1)  # [G, 1, 1]
+    e_idx = torch.arange(E, device=dev).view(1, E, 1)  # [1, E, 1]
+    pos = g_idx * C + torch.arange(C, device=dev).view(1, 1, C)  # [G, 1, C] slot in the expert
+    slot = torch.full((G, E, S), -1, dtype=torch.int64, device=dev)  # [G, E, S]
+    slot = slot.scatter(2, order, pos.expand(G, E, C))  # [G, E, S]
+    slot = slot.transpose(1, 2).reshape(T, E)  # [T, E]
+    offsets = torch.arange(E + 1, device=dev) * (G * C)  # [E+1]
+    rows = torch.where(slot >= 0, offsets[:E] + slot, -1)  # [T, E]
+    row_src = ((g_idx * S + order) * E + e_idx).transpose(0, 1).reshape(E * G * C)  # [E*G*C]
+    indices = torch.arange(E, device=dev).expand(T, E).contiguous()  # [T, E]
+    counts = torch.full((E,), G * C, dtype=torch.int64, device=dev)  # [E]
+    return Routing(indices, slot, rows, row_src, counts, offsets, E, C, G, S)
+
+
+class PerImageRouter(nn.Module):
+    """Mobile V-MoE's per-image router (Daxberger et al. 2023): one decision per image.
+
+    ``LayerNorm`` of the class token (``router_input="cls"``) or of the mean of the tokens
+    (``"mean"``), ``Linear(D, E)``, softmax over E, top-K. Every token of image b then goes to
+    image b's K experts, dropless. No noise, no load-balancing loss; the super-class
+    cross-entropy (``superclass_loss``) is computed by the model from ``RouterOutput.logits``.
+
+    Call it once on the output of the last dense block and hand the result to every MoE layer:
+    ``out = router(x); y = moe_layer(h, routing=out)``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        num_experts: int,
+        k: int = 2,
+        *,
+        router_input: str = "cls",
+        renormalize: bool = False,
+        norm_eps: float = 1e-6,
+        backend: str = "auto",
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        _check_sizes(in_features, num_experts)
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= num_experts:
+            raise ValueError(f"k must be an int in [1, num_experts={num_experts}], got {k!r}")
+        if router_input not in ("cls", "mean"):
+            raise ValueError(f"router_input must be 'cls' or 'mean', got {router_input!r}")
+        self.in_features = in_features
+        self.num_experts = num_experts
+        self.k = k
+        self.router_input = router_input
+        self.renormalize = bool(renormalize)
+        self.backend = backend
+        self.norm = nn.LayerNorm(in_features, eps=norm_eps, device=device, dtype=dtype)
+        self.proj = nn.Linear(in_features, num_experts, device=device, dtype=dtype)
+
+    def reset_parameters(self) -> None:
+        self.norm.reset_parameters()
+        self.proj.reset_parameters()
+
+    def extra_repr(self) -> str:
+        return f"k={self.k}, router_input={self.router_input!r}, renormalize={self.renormalize}"
+
+    def forward(self, x: Tensor) -> RouterOutput:
+        """Route every token of each image to the image's K experts.
+
+        Args:
+            x: ``[B, N, D]`` tokens, image-major (class token first when ``router_input="cls"``).
+
+        Returns:
+            a ``RouterOutput`` for the T = B*N tokens of ``x.reshape(B*N, D)`` (and of every
+            later activation of the same shape); ``logits`` is ``[B, E]``.
+        """
+        if x.dim() != 3 or x.shape[-1] != self.in_features:
+            raise ValueError(f"x must have shape [B, N, in_features={self.in_features}], got {tuple(x.shape)}")
+        B, N, _ = x.shape
+        feats = x[:, 0] if self.router_input == "cls" else x.mean(dim=1)  # [B, D]
+        logits = self.proj(self.norm(feats)).float()  # [B, E]
+        weights, indices = topk_softmax(logits, self.k, renormalize=self.renormalize, backend=self.backend)  # [B, K]
+        K = self.k
+        tok_indices = indices[:, None, :].expand(B, N, K).reshape(B * N, K)  # [T, K]
+        tok_weights = weights[:, None, :].expand(B, N, K).reshape(B * N, K)  # [T, K]
+        routing = make_routing(tok_indices, self.num_experts, None, backend=self.backend)
+        return RouterOutput(routing, tok_weights, logits, logits.new_zeros(()))
+
+
+def superclass_loss(logits: Tensor, superclass: Tensor, weight: float = 0.3) -> Tensor:
+    """Mobile V-MoE's super-class guidance: ``weight * cross_entropy(logits, superclass)``.
+
+    Args:
+        logits: ``[B, E]`` per-image router logits (``RouterOutput.logits``).
+        superclass: ``[B]`` int64 super-class of each image; super-class c is expert c.
+        weight: the loss weight (0.3 in the paper).
+    """
+    return weight * F.cross_entropy(logits.float(), superclass)
+
+
+def _check_sizes(in_features: int, num_experts: int) -> None:
+    if isinstance(in_features, bool) or not isinstance(in_features, int) or in_features < 1:
+        raise ValueError(f"in_features must be an int >= 1, got {in_features!r}")
+    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
+        raise ValueError(f"num_experts must be an int >= 1, got {num_experts!r}")
