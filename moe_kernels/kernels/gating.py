@@ -51,6 +51,8 @@ def _topk_softmax_kernel(
     kcols = tl.arange(0, BLOCK_K)
     x, p = _softmax_rows(L_ptr, rows, cols, T, E, stride_lt, stride_le)
 
+    # NaN ranks like -inf (as in the reference), so a row with NaN still picks K distinct experts.
+    x = tl.where(x != x, float("-inf"), x)
     avail = (cols < E)[None, :] & (rows >= 0)[:, None]  # [BLOCK_T, BLOCK_E]
     w_out = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
     i_out = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.int32)

@@ -150,8 +150,9 @@ def make_routing(
     order = indices  # placeholder pointer, unread unless HAS_ORDER
     if priority is not None:
         # Batch Prioritized Routing: torch's stable sort gives the descending, token-order-on-
-        # ties permutation [G, S]; the kernels read tokens through it.
-        order = torch.sort(priority.float().reshape(G, S), dim=1, descending=True, stable=True).indices.contiguous()
+        # ties permutation [G, S] (NaN last); the kernels read tokens through it.
+        key = torch.nan_to_num(priority.float().reshape(G, S), nan=float("-inf"))  # [G, S]
+        order = torch.sort(key, dim=1, descending=True, stable=True).indices.contiguous()  # [G, S]
 
     block = _routing_block()
     nchunk = triton.cdiv(K * S, block)

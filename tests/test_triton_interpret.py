@@ -1,0 +1,262 @@
+"""The ``triton`` backend against the reference, run by Triton's CPU interpreter.
+
+``TRITON_INTERPRET=1`` must be set before triton is imported, so this module runs twice:
+in the normal suite only ``test_interpreter_suite`` runs, and it starts a child pytest on
+this same file with ``TRITON_INTERPRET=1 MOE_KERNELS_BACKEND=triton``, where every other test
+runs (and the driver skips). Shapes are small because the interpreter costs about a
+millisecond per program instance. fp32 and fp16 only: the interpreter computes bf16 wrongly
+(bf16 is covered by tests/test_triton_compile.py and tests/test_gpu.py).
+
+Integers (indices, routing plans) must equal the reference exactly; floats within the
+tolerances below; gradients through the public ops' autograd (which calls the backward ops).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import moe_kernels as mk
+from moe_kernels import reference
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+in_child = pytest.mark.skipif(not INTERPRET, reason="runs in the TRITON_INTERPRET=1 child of test_interpreter_suite")
+
+# (dtype, atol, rtol) for outputs rounded once from an fp32 accumulation, as the reference does.
+DTYPES = {
+    "f32": (torch.float32, 1e-5, 1e-5),
+    "f16": (torch.float16, 2e-3, 2e-3),
+}
+dtypes = pytest.mark.parametrize("dt", list(DTYPES), ids=list(DTYPES))
+
+
+def test_interpreter_suite():
+    """Run this module's cases under the interpreter in a child process (~1 minute on 2 cores)."""
+    if INTERPRET:
+        pytest.skip("this process is the interpreter child; the cases run here")
+    pytest.importorskip("triton", reason="triton is not installed")
+    env = dict(os.environ, TRITON_INTERPRET="1", MOE_KERNELS_BACKEND="triton")
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__)]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    took = time.perf_counter() - start
+    tail = (proc.stdout[-6000:] + "\n" + proc.stderr[-3000:]).strip()
+    assert proc.returncode == 0, f"interpreter run failed after {took:.0f}s:\n{tail}"
+    assert " passed" in proc.stdout, tail
+
+
+def _close(actual: torch.Tensor, expected: torch.Tensor, dt: str) -> None:
+    _, atol, rtol = DTYPES[dt]
+    assert actual.dtype == expected.dtype
+    torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol)
+
+
+def _close_lowp(actual: torch.Tensor, expected: torch.Tensor, exact: torch.Tensor, dt: str) -> None:
+    """Matmul outputs: fp32 within tolerance; fp16 no more than 2x the reference's own error
+    against the fp32 result (STYLE.md), plus one fp16 ulp of slack for summation order."""
+    if dt == "f32":
+        return _close(actual, expected, dt)
+    assert actual.dtype == expected.dtype
+    ours = (actual.double() - exact.double()).abs().max().item()
+    theirs = (expected.double() - exact.double()).abs().max().item()
+    ulp = exact.abs().max().item() * 2.0**-10
+    assert ours <= 2 * theirs + ulp, f"error {ours:.3g} vs reference {theirs:.3g}"
+
+
+# ---------------------------------------------------------------------------------------------
+# topk_softmax and its backward
+# (T, E, K): T=1; T not a multiple of the row block; prime E with K=E; the largest E and K;
+# E=3 with integer logits (many ties: the lower index must win).
+GATING = [(1, 4, 1), (37, 8, 2), (5, 7, 7), (9, 256, 8), (16, 3, 2)]
+
+
+@in_child
+@dtypes
+@pytest.mark.parametrize("renormalize", [False, True], ids=["plain", "renorm"])
+@pytest.mark.parametrize("T,E,K", GATING, ids=[f"T{t}-E{e}-K{k}" for t, e, k in GATING])
+def test_topk_softmax(T, E, K, renormalize, dt):
+    dtype = DTYPES[dt][0]
+    logits = torch.randn(T, E) * 3
+    if E == 3:
+        logits = torch.randint(0, 2, (T, E)).float()
+    logits = logits.to(dtype).requires_grad_()
+    w, i = mk.topk_softmax(logits, K, renormalize=renormalize, backend="triton")
+    w_ref, i_ref = mk.topk_softmax(logits, K, renormalize=renormalize, backend="torch")
+    assert torch.equal(i, i_ref)
+    _close(w, w_ref, "f32")  # weights are fp32 for every input dtype
+    g = torch.randn(T, K)
+    (grad,) = torch.autograd.grad(w, logits, g)
+    (grad_ref,) = torch.autograd.grad(w_ref, logits, g)
+    _close(grad, grad_ref, dt)
+
+
+@in_child
+@pytest.mark.filterwarnings("ignore:All-NaN slice:RuntimeWarning")  # numpy, inside the interpreter
+def test_topk_softmax_nan_ranks_last():
+    logits = torch.tensor([[0.5, float("nan"), 2.0, -1.0], [float("nan")] * 4])
+    _, i = mk.topk_softmax(logits, 3, backend="triton")
+    _, i_ref = mk.topk_softmax(logits, 3, backend="torch")
+    assert torch.equal(i, i_ref)
+
+
+# ---------------------------------------------------------------------------------------------
+# make_routing: every output must equal the reference exactly.
+# (T, E, K, C, S, bpr, pattern). The interpreter's routing block is 32 entries, so K*S > 32
+# spans several chunks (the cross-chunk scan).
+ROUTING = [
+    (64, 4, 2, 8, 32, False, "random"),  # capacity drops, 2 groups, 2 chunks each
+    (64, 4, 2, 8, 16, True, "random"),  # BPR with tied priorities, 4 groups
+    (64, 5, 2, None, 32, True, "random"),  # dropless over groups: offsets across groups
+    (96, 7, 3, None, 96, False, "random"),  # dropless, one group, 9 chunks, prime E
+    (1, 3, 1, 4, 1, False, "random"),  # T=1
+    (50, 3, 2, 4, 25, True, "one-expert"),  # all tokens on experts 0 and 2: drops, empty expert
+    (40, 6, 1, 12, 40, False, "one-expert"),  # K=1, everything on one expert
+    (24, 4, 4, 3, 8, False, "random"),  # K=E
+]
+
+
+def _indices(T, E, K, pattern):
+    if pattern == "one-expert":
+        return torch.tensor([0, 2, 1, 3][:K]).remainder(E).expand(T, K).contiguous()
+    return torch.stack([torch.randperm(E)[:K] for _ in range(T)])
+
+
+@in_child
+@pytest.mark.parametrize(
+    "T,E,K,C,S,bpr,pattern",
+    ROUTING,
+    ids=[f"T{r[0]}-E{r[1]}-K{r[2]}-C{r[3]}-S{r[4]}-{'bpr' if r[5] else 'vanilla'}" for r in ROUTING],
+)
+def test_make_routing(T, E, K, C, S, bpr, pattern):
+    indices = _indices(T, E, K, pattern)
+    priority = torch.randint(0, 4, (T,)).float() / 4 if bpr else None  # ties on purpose
+    got = mk.make_routing(indices, E, C, priority=priority, group_size=S, backend="triton")
+    want = mk.make_routing(indices, E, C, priority=priority, group_size=S, backend="torch")
+    for name in ("slot", "rows", "row_src", "counts", "offsets"):
+        a, b = getattr(got, name), getattr(want, name)
+        assert a.dtype == b.dtype == torch.int64, name
+        assert torch.equal(a, b), f"{name}:\n{a}\n{b}"
+
+
+@in_child
+def test_make_routing_golden_drop():
+    # Hand-computed: one group of 3 tokens, C=1, K=2. K-major: 1st choices t0->e0, t1->e0
+    # (dropped, e0 full), t2->e1; then 2nd choices t0->e1 (dropped), t1->e2, t2->e2 (dropped).
+    indices = torch.tensor([[0, 1], [0, 2], [1, 2]])
+    r = mk.make_routing(indices, 3, 1, backend="triton")
+    assert r.slot.tolist() == [[0, -1], [-1, 0], [0, -1]]
+    assert r.rows.tolist() == [[0, -1], [-1, 2], [1, -1]]
+    assert r.row_src.tolist() == [0, 4, 3]
+    assert r.counts.tolist() == [1, 1, 1]
+
+
+# ---------------------------------------------------------------------------------------------
+# dispatch / combine (+ combine_weights_grad through the weights' gradient)
+# (T, E, K, C, S, D): capacity with drops and odd D wider than one column block; dropless;
+# T=1 with D=1.
+GATHER = [(40, 5, 2, 6, 20, 150), (33, 3, 2, None, 33, 17), (1, 2, 1, 4, 1, 1)]
+
+
+@in_child
+@dtypes
+@pytest.mark.parametrize("T,E,K,C,S,D", GATHER, ids=[f"T{g[0]}-E{g[1]}-K{g[2]}-C{g[3]}-D{g[5]}" for g in GATHER])
+def test_dispatch_combine(T, E, K, C, S, D, dt):
+    dtype = DTYPES[dt][0]
+    routing = mk.make_routing(_indices(T, E, K, "random"), E, C, group_size=S, backend="torch")
+    x0 = torch.randn(T, D).to(dtype)
+    scale = torch.randn(routing.buffer_shape(D)).to(dtype)  # stands in for the experts
+    w0 = torch.rand(T, K)
+    outs, grads = [], []
+    for backend in ("triton", "torch"):
+        x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+        buf = mk.dispatch(x, routing, backend=backend)
+        y = mk.combine(buf * scale, routing, w, backend=backend)
+        g = torch.randn(T, D, generator=torch.Generator().manual_seed(1)).to(dtype)
+        outs.append((buf, y))
+        grads.append(torch.autograd.grad(y, (x, w), g))
+    assert torch.equal(outs[0][0], outs[1][0])  # a copy: bitwise
+    _close(outs[0][1], outs[1][1], dt)
+    _close(grads[0][0], grads[1][0], dt)
+    _close(grads[0][1], grads[1][1], "f32" if dt == "f32" else "f16")
+
+
+@in_child
+@dtypes
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+def test_backend_functions_direct(dt, weighted):
+    """The launchers themselves (also the weighted dispatch, used by second derivatives)."""
+    from moe_kernels.ops import _triton
+
+    dtype = DTYPES[dt][0]
+    T, E, K, D = 30, 4, 2, 40
+    _, rows, row_src, _, _ = reference.make_routing(_indices(T, E, K, "random"), E, 7, 15, None)
+    x = torch.randn(T, D).to(dtype)
+    y = torch.randn(row_src.shape[0], D).to(dtype)
+    w = torch.rand(T, K) if weighted else None
+    assert torch.equal(_triton.dispatch(x, rows, row_src, w), reference.dispatch(x, rows, row_src, w))
+    _close(_triton.combine(y, rows, row_src, w), reference.combine(y, rows, row_src, w), dt)
+    g, g_ref = _triton.combine_weights_grad(x, y, rows), reference.combine_weights_grad(x, y, rows)
+    assert g.dtype == torch.float32
+    torch.testing.assert_close(g, g_ref, atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# grouped_mm: forward, dX (the transposed-weight view) and dW.
+# (M, Din, N, sizes): sizes are the rows per expert; rows past their sum are padding.
+GMM = [
+    (70, 40, 24, [10, 0, 35, 15], "empty expert, tiles straddling 3 experts, padding rows"),
+    (33, 17, 9, [33], "E=1, odd widths"),
+    (5, 16, 48, [0, 0, 5], "M below a block, leading empty experts"),
+    (64, 32, 32, [0, 64, 0, 0, 0], "all rows on one expert"),
+    (20, 24, 8, [0, 0, 0], "no rows assigned: all padding"),
+]
+
+
+@in_child
+@dtypes
+@pytest.mark.parametrize("M,Din,N,sizes,why", GMM, ids=[f"M{g[0]}-Din{g[1]}-N{g[2]}-E{len(g[3])}" for g in GMM])
+def test_grouped_mm(M, Din, N, sizes, why, dt):
+    dtype = DTYPES[dt][0]
+    offsets = torch.tensor([0] + sizes).cumsum(0)
+    x0 = torch.randn(M, Din).to(dtype)
+    w0 = (torch.randn(len(sizes), N, Din) / Din**0.5).to(dtype)
+    gy = torch.randn(M, N).to(dtype)
+    res = {}
+    for backend in ("triton", "torch"):
+        x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+        y = mk.grouped_mm(x, w, offsets, backend=backend)
+        res[backend] = (y, *torch.autograd.grad(y, (x, w), gy))
+    x, w = x0.double().requires_grad_(), w0.double().requires_grad_()
+    y = mk.grouped_mm(x, w, offsets, backend="torch")
+    exact = (y, *torch.autograd.grad(y, (x, w), gy.double()))
+    for name, a, b, e in zip(("y", "dx", "dw"), res["triton"], res["torch"], exact, strict=True):
+        _close_lowp(a, b, e, dt)
+        if name != "dw":
+            assert not a[int(offsets[-1]) :].any(), f"{name}: padding rows must be 0"
+
+
+@in_child
+def test_grouped_mm_strided_weight():
+    """dX passes w.transpose(1, 2): the kernel must read any strides."""
+    from moe_kernels.ops import _triton
+
+    offsets = torch.tensor([0, 7, 7, 30])
+    x = torch.randn(30, 20)
+    w = torch.randn(3, 20, 12).transpose(1, 2)  # [E, N=12, Din=20], not contiguous
+    torch.testing.assert_close(_triton.grouped_mm(x, w, offsets), reference.grouped_mm(x, w, offsets))
+
+
+@in_child
+def test_fp64_runs_reference_for_gradcheck():
+    offsets = torch.tensor([0, 3, 8])
+    x = torch.randn(8, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 4, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: mk.grouped_mm(a, b, offsets, backend="triton"), (x, w))
