@@ -120,7 +120,7 @@ def make_routing(
 
     # Undo the K-major / priority ordering: back to [T, K].
     slot_gsk = slot_seq.reshape(G, K, S).transpose(1, 2)  # [G, S, K] in priority order
-    slot = torch.empty_like(slot_gsk).scatter_(1, order[..., None].expand(G, S, K), slot_gsk)  # [G, S, K]
+    slot = torch.empty(G, S, K, dtype=torch.int64, device=dev).scatter_(1, order[..., None].expand(G, S, K), slot_gsk)  # [G, S, K]
     slot = slot.reshape(T, K)  # [T, K]
     rows = torch.where(slot >= 0, offsets[indices] + slot, -1)  # [T, K]
 
