@@ -1,0 +1,102 @@
+"""``python -m bench``: the moe_kernels benchmark on the machine's default device.
+
+  --quick         the three main cases, fp32 (a few minutes on 2 CPU cores)
+  --json PATH     write {"device", "versions", "records": [...]}
+  --plot PATH     the ratio plot (default out/bench.png)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+
+import moe_kernels as mk
+from bench import report
+from bench.cases import MAIN_CASES, SWEEP_CASES
+from bench.measure import device_name
+from bench.suite import run_layer_case, run_op_cases
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="three main cases, fp32 only")
+    ap.add_argument("--json", metavar="PATH", help="write the records as JSON")
+    ap.add_argument("--plot", metavar="PATH", default="out/bench.png", help="ratio plot (PNG)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--cases", nargs="*", help="only these case names")
+    ap.add_argument("--min-run-time", type=float, default=None, help="seconds per measurement")
+    args = ap.parse_args(argv)
+
+    device = torch.device(args.device)
+    quick = args.quick
+    mrt = args.min_run_time or (0.3 if quick else 1.0)
+    dtypes = ["fp32"] if quick else ["fp32", "bf16"]
+    cases = [c for c in MAIN_CASES if not args.cases or c.name in args.cases]
+    t0 = time.time()
+    print(f"# moe_kernels benchmark on {device_name(device)}", flush=True)
+    records = []
+    for dt in dtypes:
+        for case in cases:
+            records += run_layer_case(case, dt, device, min_run_time=mrt)
+    if not quick:
+        for case in SWEEP_CASES:
+            if not args.cases or case.name in args.cases:
+                records += run_layer_case(case, "fp32", device, impls=("moe_kernels", "floor", "padded_bmm",
+                                                                        "grouped_mm"), modes=("fwd_bwd",),
+                                          min_run_time=mrt)
+        for case in cases:
+            records += run_op_cases(case, "fp32", device, min_run_time=min(mrt, 0.5))
+    elapsed = time.time() - t0
+
+    meta = {
+        "device": device_name(device),
+        "versions": {
+            "moe_kernels": mk.__version__,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "triton": _triton_version(),
+        },
+        "threads": torch.get_num_threads(),
+        "quick": quick,
+        "elapsed_s": round(elapsed, 1),
+        "command": "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+    }
+    print()
+    print(f"## Whole layer ({meta['device']}; torch {torch.__version__}; {elapsed:.0f} s)")
+    print()
+    print(report.layer_table(records))
+    ops = report.op_table(records)
+    if ops:
+        print("\n## Each op alone (forward)\n")
+        print(ops)
+    print("\n## Targets (forward+backward)\n")
+    print(report.targets(records))
+    if args.plot:
+        os.makedirs(os.path.dirname(args.plot) or ".", exist_ok=True)
+        report.plot(records, args.plot, f"moe_kernels vs baselines, {meta['device']}")
+        print(f"\nplot: {args.plot}")
+    if args.json:
+        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump({**meta, "records": records}, f, indent=1)
+        print(f"json: {args.json}")
+    return 0
+
+
+def _triton_version() -> str | None:
+    try:
+        import triton
+
+        return triton.__version__
+    except Exception:
+        return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""Runs the cases and returns one record per (case, impl, mode, dtype) measurement."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+import moe_kernels as mk
+from bench import baselines as bl
+from bench.cases import LayerCase
+from bench.measure import peak_memory_mb, time_fn
+
+MODES = ("fwd", "bwd", "fwd_bwd")
+DTYPE_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _record(case: str, impl: str, mode: str, dtype: str, timing, peak, **extra) -> dict:
+    return dict(
+        case=case,
+        impl=impl,
+        mode=mode,
+        dtype=dtype,
+        median_ms=round(timing.median_ms, 4),
+        iqr_ms=round(timing.iqr_ms, 4),
+        peak_mem_mb=None if peak is None else round(peak, 2),
+        runs=timing.runs,
+        **extra,
+    )
+
+
+def _modes(fn: Callable, inp: torch.Tensor, modes, device, min_run_time):
+    """Yields (mode, timing, peak) for a differentiable ``fn(inp)``."""
+    out = fn(inp)
+    grad = torch.randn_like(out)
+    del out
+    for mode in modes:
+        if mode == "fwd":
+            run = lambda: fn(inp)  # noqa: E731  (autograd records, as in training)
+            yield mode, time_fn(run, device, min_run_time), peak_memory_mb(run, device)
+        elif mode == "bwd":
+            out = fn(inp)
+            run = lambda: out.backward(grad, retain_graph=True)  # noqa: E731
+            yield mode, time_fn(run, device, min_run_time), peak_memory_mb(run, device)
+            del out
+        else:
+            run = lambda: fn(inp).backward(grad)  # noqa: E731
+            yield mode, time_fn(run, device, min_run_time), peak_memory_mb(run, device)
+
+
+def run_layer_case(
+    case: LayerCase,
+    dtype_name: str,
+    device: torch.device,
+    *,
+    impls=bl.IMPLS,
+    modes=MODES,
+    min_run_time: float = 0.5,
+    log=print,
+) -> list[dict]:
+    dtype = DTYPE_NAMES[dtype_name]
+    p = bl.Params.make(case, dtype, device)
+    x = torch.randn(case.tokens, case.width, generator=torch.Generator().manual_seed(1)).to(device, dtype)
+    ours, mods = bl.moe_kernels_impl(case, p)
+    with torch.no_grad():
+        y_ours = ours(x).float()
+    backend = mk.backends.choose("grouped_mm", mk.backends.requested_backend(None), x.device)[0]
+    tol = 1e-3 if dtype == torch.float32 else 6e-2
+    records = []
+    for impl in impls:
+        extra = {}
+        if impl == "moe_kernels":
+            fn, inp = ours, x.clone().requires_grad_(True)
+            extra["backend"] = backend
+        elif impl == "floor":
+            fn, buf = bl.floor_impl(case, p.leaves(), x)
+            inp = buf.requires_grad_(True)
+        else:
+            if impl == "grouped_mm":
+                why = bl.grouped_mm_unsupported(dtype, device)
+                if why:
+                    log(f"  skip {case.name}/{impl}/{dtype_name}: {why}")
+                    continue
+            fn, inp = bl.BUILDERS[impl](case, p.leaves()), x.clone().requires_grad_(True)
+            with torch.no_grad():
+                diff = (fn(x).float() - y_ours).abs().max().item()
+            scale = y_ours.abs().max().item() or 1.0
+            extra["max_abs_diff"] = diff
+            if diff > tol * max(scale, 1.0):
+                raise AssertionError(f"{case.name}: {impl} differs from moe_kernels by {diff:.3g} (scale {scale:.3g})")
+        for mode, timing, peak in _modes(fn, inp, modes, device, min_run_time):
+            rec = _record(case.name, impl, mode, dtype_name, timing, peak, **extra)
+            records.append(rec)
+            log(f"  {case.name:<16} {impl:<12} {mode:<8} {dtype_name:<5} {timing.median_ms:10.3f} ms"
+                f" ± {timing.iqr_ms:.3f}  peak {rec['peak_mem_mb']} MB")
+        del fn, inp
+    return records
+
+
+def run_op_cases(case: LayerCase, dtype_name: str, device: torch.device, *, min_run_time: float, log=print):
+    """Each op of the layer alone: the chosen backend (``moe_kernels``) against the reference."""
+    dtype = DTYPE_NAMES[dtype_name]
+    g = torch.Generator().manual_seed(2)
+    T, D, E, K, H = case.tokens, case.width, case.experts, case.k, case.hidden
+    logits = torch.randn(T, E, generator=g).to(device)
+    w, idx = mk.topk_softmax(logits, K, backend="torch")
+    cap = case.capacity
+    S = case.group_size if not case.per_image else T
+    plan = mk.make_routing(idx, E, cap, group_size=S, backend="torch")
+    x = torch.randn(T, D, generator=g).to(device, dtype)
+    buf = mk.dispatch(x, plan, backend="torch")
+    w1 = torch.randn(E, H, D, generator=g).to(device, dtype) * D**-0.5
+    flat = buf.reshape(-1, D)
+    ops = {
+        "gating": lambda be: mk.topk_softmax(logits, K, backend=be),
+        "routing": lambda be: mk.make_routing(idx, E, cap, group_size=S, priority=w[:, 0], backend=be),
+        "dispatch": lambda be: mk.dispatch(x, plan, backend=be),
+        "combine": lambda be: mk.combine(buf, plan, w, backend=be),
+        "grouped_gemm": lambda be: mk.grouped_mm(flat, w1, plan.offsets, backend=be),
+    }
+    records = []
+    for op, call in ops.items():
+        for impl, be in (("moe_kernels", "auto"), ("reference", "torch")):
+            timing = time_fn(lambda: call(be), device, min_run_time)
+            records.append(_record(f"{case.name}:{op}", impl, "fwd", dtype_name, timing, None))
+            log(f"  {case.name + ':' + op:<26} {impl:<12} {timing.median_ms:10.4f} ms ± {timing.iqr_ms:.4f}")
+    return records
