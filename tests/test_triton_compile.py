@@ -177,7 +177,7 @@ def test_grouped_mm_compiles_with_tensor_cores(kind, cc, dt, index):
     wgrad = kind == "weight_grad"
     cfg = _configs(wgrad, cc, 2)[index]
     fn, sig, const, div = _gemm_case(dt, wgrad, transposed_w=kind == "dx")
-    const.update(INPUT_PRECISION="tf32", **cfg.kwargs)
+    const.update(INPUT_PRECISION="tf32", DOT_FP32=False, **cfg.kwargs)
     kernel = _compile(fn, cc, sig, const, div, cfg.num_warps, cfg.num_stages)
     _check_shared(kernel, cc)
     ptx = kernel.asm["ptx"]
@@ -191,7 +191,7 @@ def test_grouped_mm_fp32_fits(cc):
     for wgrad in (False, True):
         cfg = _configs(wgrad, cc, 4)[0]
         fn, sig, const, div = _gemm_case("fp32", wgrad)
-        const.update(INPUT_PRECISION="ieee", **cfg.kwargs)
+        const.update(INPUT_PRECISION="ieee", DOT_FP32=False, **cfg.kwargs)
         _check_shared(_compile(fn, cc, sig, const, div, cfg.num_warps, cfg.num_stages), cc)
 
 

@@ -7,6 +7,10 @@ column block, and serves the dropless layout and the padded ``[E, G*C]`` buffer 
 this same kernel with each expert's matrix transposed (a strided view: every operand is read
 through its strides).
 
+DOT_FP32 upcasts the operands before ``tl.dot``; launchers set it only under the interpreter,
+whose bf16 ``tl.dot`` is wrong (its loads, stores and fp32 math are right), so bf16 inputs
+give right answers there too. On a GPU it is False and bf16/fp16 go to the tensor cores.
+
 Shape letters: M rows, KD reduction width, N output width, E experts.
 """
 
@@ -109,6 +113,7 @@ def _grouped_mm_kernel(
     stride_ym,
     stride_yn,
     INPUT_PRECISION: tl.constexpr,
+    DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -153,6 +158,9 @@ def _grouped_mm_kernel(
             k_ok = (k0 + rk) < KD
             a = tl.load(x_ptrs, mask=in_e[:, None] & k_ok[None, :], other=0.0)
             b = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            if DOT_FP32:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
             acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
             x_ptrs += BLOCK_K * stride_xk
             w_ptrs += BLOCK_K * stride_wk
@@ -181,6 +189,7 @@ def _grouped_mm_weight_grad_kernel(
     stride_wn,
     stride_wk,
     INPUT_PRECISION: tl.constexpr,
+    DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -217,6 +226,9 @@ def _grouped_mm_weight_grad_kernel(
             mask=m_ok[:, None] & k_ok[None, :],
             other=0.0,
         )
+        if DOT_FP32:
+            g = g.to(tl.float32)
+            x = x.to(tl.float32)
         acc = tl.dot(g, x, acc, input_precision=INPUT_PRECISION)
     dw_ptrs = DW_ptr + e.to(tl.int64) * stride_we + rn[:, None].to(tl.int64) * stride_wn + rk[None, :] * stride_wk
     tl.store(dw_ptrs, acc.to(DW_ptr.dtype.element_ty), mask=n_ok[:, None] & k_ok[None, :])

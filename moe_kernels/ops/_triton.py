@@ -69,12 +69,14 @@ def _width_block(D: int) -> int:
     return _pow2(D, lo=16, hi=128)
 
 
-def _input_precision(dtype: torch.dtype) -> str:
+def _dot_options(dtype: torch.dtype) -> dict:
+    """``INPUT_PRECISION`` and ``DOT_FP32`` of the grouped GEMM kernels for ``dtype``."""
+    # The interpreter's bf16 tl.dot is wrong: upcast the operands there (GPU: tensor cores).
+    dot_fp32 = _config.interpreting() and dtype == torch.bfloat16
     # fp32 follows PyTorch's own switch (off by default), so "fp32" means IEEE fp32 unless the
     # user allowed TF32 for matmuls.
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"
+    ieee = dot_fp32 or (dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32)
+    return {"INPUT_PRECISION": "ieee" if ieee else "tf32", "DOT_FP32": dot_fp32}
 
 
 def topk_softmax(logits: Tensor, k: int, renormalize: bool) -> tuple[Tensor, Tensor]:
@@ -261,7 +263,7 @@ def grouped_mm(x: Tensor, w: Tensor, offsets: Tensor) -> Tensor:
         grouped_mm_kernel[grid](
             x, w, out, offsets, M, N, KD, E,
             x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2), out.stride(0), out.stride(1),
-            INPUT_PRECISION=_input_precision(x.dtype),
+            **_dot_options(x.dtype),
         )  # fmt: skip
     return out
 
@@ -285,6 +287,6 @@ def grouped_mm_weight_grad(x: Tensor, grad_out: Tensor, offsets: Tensor) -> Tens
             x, grad_out, dw, offsets, M, N, KD,
             x.stride(0), x.stride(1), grad_out.stride(0), grad_out.stride(1),
             dw.stride(0), dw.stride(1), dw.stride(2),
-            INPUT_PRECISION=_input_precision(x.dtype),
+            **_dot_options(x.dtype),
         )  # fmt: skip
     return dw
