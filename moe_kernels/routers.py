@@ -327,7 +327,8 @@ class PerImageRouter(nn.Module):
             raise ValueError(f"x must have shape [B, N, in_features={self.in_features}], got {tuple(x.shape)}")
         B, N, _ = x.shape
         feats = x[:, 0] if self.router_input == "cls" else x.mean(dim=1)  # [B, D]
-        logits = self.proj(self.norm(feats)).float()  # [B, E]
+        z = self.norm(feats)  # [B, D]
+        logits = F.linear(z.float(), self.proj.weight.float(), self.proj.bias.float())  # [B, E] fp32
         weights, indices = topk_softmax(logits, self.k, renormalize=self.renormalize, backend=self.backend)  # [B, K]
         K = self.k
         tok_indices = indices[:, None, :].expand(B, N, K).reshape(B * N, K)  # [T, K]
