@@ -45,7 +45,7 @@ TORCH_LIBRARY(moe_kernels_C, m) {
   m.def("dispatch(Tensor x, Tensor rows, Tensor row_src, Tensor? weights) -> Tensor");
   m.def("combine(Tensor y, Tensor rows, Tensor row_src, Tensor? weights) -> Tensor");
   m.def("combine_weights_grad(Tensor a, Tensor b, Tensor rows) -> Tensor");
-  m.def("grouped_mm(Tensor x, Tensor w, Tensor offsets) -> Tensor");
+  m.def("grouped_mm(Tensor x, Tensor w, Tensor offsets, Tensor? bias=None) -> Tensor");
   m.def("grouped_mm_weight_grad(Tensor x, Tensor grad_out, Tensor offsets) -> Tensor");
   m.def("cuda_built() -> bool", &cuda_built);
   m.def("build_info() -> str", &build_info);

@@ -157,13 +157,15 @@ def combine_weights_grad(a: Tensor, b: Tensor, rows: Tensor) -> Tensor:
     return torch.where(kept, dots, 0.0)  # [T, K]
 
 
-def grouped_mm(x: Tensor, w: Tensor, offsets: Tensor) -> Tensor:
-    """out[m] = x[m] @ w[e].T for offsets[e] <= m < offsets[e+1]; rows past offsets[E] are 0."""
+def grouped_mm(x: Tensor, w: Tensor, offsets: Tensor, bias: Tensor | None = None) -> Tensor:
+    """out[m] = x[m] @ w[e].T (+ bias[e]) for offsets[e] <= m < offsets[e+1]; rows past offsets[E] are 0."""
     out = torch.zeros(x.shape[0], w.shape[1], dtype=_acc(x.dtype), device=x.device)  # [M, N]
     bounds = offsets.tolist()  # the oracle may sync; the fast backends never do
     for e in range(w.shape[0]):
         lo, hi = bounds[e], bounds[e + 1]
         out[lo:hi] = _up(x[lo:hi]) @ _up(w[e]).T  # [m_e, N]
+        if bias is not None:
+            out[lo:hi] += _up(bias[e])  # [m_e, N]
     return out.to(x.dtype)
 
 

@@ -305,6 +305,11 @@ def test_grouped_mm_matches_reference(backend, dtype_id, case):
     assert_close(out, ref.grouped_mm(x, w, offsets), dtype_id)
     if pad:
         assert (out[-pad:] == 0).all()
+    b = torch.randn(len(sizes), N).to(dtype)
+    out_b = mk.grouped_mm(x, w, offsets, bias=b, backend=backend)
+    assert_close(out_b, ref.grouped_mm(x, w, offsets, b), dtype_id)
+    if pad:
+        assert (out_b[-pad:] == 0).all()  # padding rows get no bias either
     g = torch.randn(M, N).to(dtype)
     dw = torch.ops.moe_kernels.grouped_mm_weight_grad(x, g, offsets, backend)
     assert_close(dw, ref.grouped_mm_weight_grad(x, g, offsets), dtype_id)
@@ -314,10 +319,12 @@ def test_grouped_mm_matches_reference(backend, dtype_id, case):
 def test_grouped_mm_gradcheck(backend):
     if backend == "triton" and interpreting():
         pytest.skip("gradcheck needs fp64; the Triton kernels are checked against the reference in fp32")
-    offsets = torch.tensor([0, 2, 2, 5])
+    offsets = torch.tensor([0, 2, 2, 5])  # an empty expert and a padding row
     x = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
     w = torch.randn(3, 3, 4, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x, w: mk.grouped_mm(x, w, offsets, backend=backend), (x, w))
+    assert torch.autograd.gradcheck(lambda x, w, b: mk.grouped_mm(x, w, offsets, bias=b, backend=backend), (x, w, b))
 
 
 # ---------------------------------------------------------------- opcheck, empty, strides
@@ -343,7 +350,8 @@ def _opcheck_samples(backend):
         (ops.dispatch.default, (x, r.rows, r.row_src, w, backend)),
         (ops.combine.default, (y, r.rows, r.row_src, w, backend)),
         (ops.combine_weights_grad.default, (x, y, r.rows, r.row_src, backend)),
-        (ops.grouped_mm.default, (gx, gw, off, backend)),
+        (ops.grouped_mm.default, (gx, gw, off, None, backend)),
+        (ops.grouped_mm.default, (gx, gw, off, torch.randn(3, 4, requires_grad=True), backend)),
         (ops.grouped_mm_weight_grad.default, (gx.detach(), torch.randn(8, 4), off, backend)),
     ]
 
@@ -435,6 +443,8 @@ def test_bad_input_messages(backend):
         mk.grouped_mm(x, torch.randn(2, 3, 5), torch.tensor([0, 3, 6]), backend=backend)
     with pytest.raises(TypeError, match=r"w must have the dtype of x"):
         mk.grouped_mm(x, w.double(), torch.tensor([0, 3, 6]), backend=backend)
+    with pytest.raises(ValueError, match=r"bias must have shape \[E, N\]=\[2, 3\]"):
+        mk.grouped_mm(x, w, torch.tensor([0, 3, 6]), bias=torch.randn(2, 4), backend=backend)
     with pytest.raises(ValueError, match=r"backend must be one of"):
         mk.topk_softmax(logits, 2, backend="fastest")
 

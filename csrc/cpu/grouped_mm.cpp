@@ -17,7 +17,9 @@ void check_mm(const char* op, const at::Tensor& x, const char* other_name, const
   check_same_device(op, "x", x, other_name, other);
 }
 
-at::Tensor grouped_mm_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& offsets) {
+// bias [E, N] (optional) is fused into each expert's GEMM (addmm), as a padded bmm would do.
+at::Tensor grouped_mm_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& offsets,
+                          const c10::optional<at::Tensor>& bias) {
   const char* op = "grouped_mm";
   check_mm(op, x, "w", w);
   check_dim(op, "w", w, 3);
@@ -25,12 +27,20 @@ at::Tensor grouped_mm_cpu(const at::Tensor& x, const at::Tensor& w, const at::Te
               "], got ", shape_str(w));
   const int64_t E = w.size(0), M = x.size(0), N = w.size(1);
   check_offsets_host(op, offsets, E, M);
+  if (bias.has_value()) {
+    check_mm(op, x, "bias", *bias);
+    TORCH_CHECK(bias->dim() == 2 && bias->size(0) == E && bias->size(1) == N, "moe_kernels::", op,
+                ": bias must have shape [E=", E, ", N=", N, "], got ", shape_str(*bias));
+  }
   const int64_t* o = offsets.data_ptr<int64_t>();
   auto out = at::empty({M, N}, x.options());
   for (int64_t e = 0; e < E; ++e) {
     const int64_t n = o[e + 1] - o[e];
-    if (n > 0) {
-      at::Tensor dst = out.narrow(0, o[e], n);
+    if (n == 0) continue;
+    at::Tensor dst = out.narrow(0, o[e], n);
+    if (bias.has_value()) {
+      at::addmm_out(dst, bias->select(0, e), x.narrow(0, o[e], n), w.select(0, e).t());
+    } else {
       at::mm_out(dst, x.narrow(0, o[e], n), w.select(0, e).t());
     }
   }

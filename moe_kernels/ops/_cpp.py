@@ -58,8 +58,8 @@ def combine_weights_grad(a: Tensor, b: Tensor, rows: Tensor) -> Tensor:
     return _ops.combine_weights_grad(a, b, rows)
 
 
-def grouped_mm(x: Tensor, w: Tensor, offsets: Tensor) -> Tensor:
-    return _ops.grouped_mm(x, w, offsets)
+def grouped_mm(x: Tensor, w: Tensor, offsets: Tensor, bias: Tensor | None = None) -> Tensor:
+    return _ops.grouped_mm(x, w, offsets, bias)
 
 
 def grouped_mm_weight_grad(x: Tensor, grad_out: Tensor, offsets: Tensor) -> Tensor:

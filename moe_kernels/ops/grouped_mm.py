@@ -5,21 +5,41 @@ Shape letters: M rows, E experts, Din input width, N output width.
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from moe_kernels import backends
 from moe_kernels.ops._common import FLOAT_DTYPES, check_same_device, check_tensor
 
 
+@functools.lru_cache(maxsize=None)
+def _fuses_bias(impl) -> bool:
+    return "bias" in inspect.signature(impl).parameters
+
+
+def _add_bias(out: Tensor, bias: Tensor, offsets: Tensor) -> Tensor:
+    """out[m] += bias[e] for the rows of expert e; padding rows past offsets[E] stay 0."""
+    M = out.shape[0]
+    expert = torch.bucketize(torch.arange(M, device=out.device), offsets[1:], right=True)  # [M], E for padding
+    return out + F.pad(bias, (0, 0, 0, 1))[expert].to(out.dtype)  # [M, N]
+
+
 @torch.library.custom_op("moe_kernels::grouped_mm", mutates_args=())
-def _grouped_mm(x: Tensor, w: Tensor, offsets: Tensor, backend: str) -> Tensor:
+def _grouped_mm(x: Tensor, w: Tensor, offsets: Tensor, bias: Tensor | None, backend: str) -> Tensor:
     _, impl = backends.choose("grouped_mm", backend, x.device)
-    return impl(x, w, offsets)
+    if bias is None:
+        return impl(x, w, offsets)
+    if _fuses_bias(impl):
+        return impl(x, w, offsets, bias)
+    return _add_bias(impl(x, w, offsets), bias, offsets)
 
 
 @_grouped_mm.register_fake
-def _(x, w, offsets, backend):
+def _(x, w, offsets, bias, backend):
     return x.new_empty(x.shape[0], w.shape[1])
 
 
@@ -35,7 +55,7 @@ def _(x, grad_out, offsets, backend):
 
 
 def _setup(ctx, inputs, output):
-    x, w, offsets, backend = inputs
+    x, w, offsets, bias, backend = inputs
     ctx.save_for_backward(x, w, offsets)
     ctx.backend = backend
 
@@ -43,27 +63,33 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, grad):
     x, w, offsets = ctx.saved_tensors
     grad = grad.contiguous()
-    gx = gw = None
+    gx = gw = gb = None
     if ctx.needs_input_grad[0]:
         # dX = dY @ W_e, i.e. the same grouped matmul with each expert's matrix transposed
         # (a strided view: the kernels take strides, so nothing is copied).
-        gx = _grouped_mm(grad, w.transpose(1, 2), offsets, ctx.backend)
+        gx = _grouped_mm(grad, w.transpose(1, 2), offsets, None, ctx.backend)
     if ctx.needs_input_grad[1]:
         gw = _grouped_mm_weight_grad(x, grad, offsets, ctx.backend)
-    return gx, gw, None, None
+    if ctx.needs_input_grad[3]:
+        # Row sums per expert; rows past offsets[E] (padding) are outside every segment.
+        gb = torch.segment_reduce(grad, "sum", offsets=offsets, axis=0, unsafe=True).to(w.dtype)
+    return gx, gw, None, gb, None
 
 
 _grouped_mm.register_autograd(_backward, setup_context=_setup)
 
 
-def grouped_mm(x: Tensor, w: Tensor, offsets: Tensor, *, backend: str = "auto") -> Tensor:
-    """``out[m] = x[m] @ w[e].T`` for ``offsets[e] <= m < offsets[e+1]``.
+def grouped_mm(
+    x: Tensor, w: Tensor, offsets: Tensor, *, bias: Tensor | None = None, backend: str = "auto"
+) -> Tensor:
+    """``out[m] = x[m] @ w[e].T (+ bias[e])`` for ``offsets[e] <= m < offsets[e+1]``.
 
     Args:
         x: ``[M, Din]`` rows grouped by expert (fp32/fp16/bf16, fp64 for gradcheck).
         w: ``[E, N, Din]`` one matrix per expert (``nn.Linear`` layout), dtype of ``x``.
         offsets: ``[E+1]`` int64, non-decreasing from 0 to at most M; rows past ``offsets[E]``
             (padding) come out as zeros.
+        bias: optional ``[E, N]`` per-expert bias, dtype of ``x`` (fused into the GEMM on CPU).
         backend: ``auto`` or a name of ``moe_kernels.backends.BACKENDS``.
 
     Returns:
@@ -80,12 +106,17 @@ def grouped_mm(x: Tensor, w: Tensor, offsets: Tensor, *, backend: str = "auto") 
         raise ValueError(f"{op}: w must have shape [E, N, Din={x.shape[1]}], got {tuple(w.shape)}")
     if offsets.shape[0] != E + 1:
         raise ValueError(f"{op}: offsets must have shape [E+1]=[{E + 1}], got {tuple(offsets.shape)}")
-    check_same_device(op, x=x, w=w, offsets=offsets)
+    if bias is not None:
+        check_tensor("bias", bias, ndim=2, dtypes=(x.dtype,), op=op)
+        if tuple(bias.shape) != (E, w.shape[1]):
+            raise ValueError(f"{op}: bias must have shape [E, N]=[{E}, {w.shape[1]}], got {tuple(bias.shape)}")
+    check_same_device(op, x=x, w=w, offsets=offsets, bias=bias)
     offsets = offsets.to(torch.int64).contiguous()
     if offsets.device.type == "cpu" and not torch.compiler.is_compiling():
         # Free on the CPU; on a GPU it would be a host sync, so the kernels bound-check there.
         _check_offsets(op, offsets, x.shape[0])
-    return _grouped_mm(x.contiguous(), w.contiguous(), offsets, backends.requested_backend(backend))
+    b = None if bias is None else bias.contiguous()
+    return _grouped_mm(x.contiguous(), w.contiguous(), offsets, b, backends.requested_backend(backend))
 
 
 def _check_offsets(op: str, offsets: Tensor, M: int) -> None:
