@@ -29,7 +29,7 @@ info: build
 
 test: build
 	$(PY) -m moe_kernels.info
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --benchmark-disable
 
 bench: build
 	$(PY) -m bench
