@@ -1,9 +1,10 @@
 """The ``triton`` backend against the reference, run by Triton's CPU interpreter.
 
 ``TRITON_INTERPRET=1`` must be set before triton is imported, so this module runs twice:
-in the normal suite only ``test_interpreter_suite`` runs, and it starts a child pytest on
-this same file with ``TRITON_INTERPRET=1 MOE_KERNELS_BACKEND=triton``, where every other test
-runs (and the driver skips). Shapes are small because the interpreter costs about a
+in the normal suite only the two drivers run: ``test_interpreter_suite`` starts a child pytest
+on this same file with ``TRITON_INTERPRET=1 MOE_KERNELS_BACKEND=triton``, where every other
+test runs (and the drivers skip), and ``test_op_suite_through_triton`` runs tests/test_ops.py
+the same way. Shapes are small because the interpreter costs about a
 millisecond per program instance.
 
 bf16: the interpreter's bf16 arithmetic and bf16 ``tl.dot`` are wrong, but its bf16 loads and
@@ -42,20 +43,33 @@ DTYPES = {
 dtypes = pytest.mark.parametrize("dt", list(DTYPES), ids=list(DTYPES))
 
 
-def test_interpreter_suite():
-    """Run this module's cases under the interpreter in a child process (~1 minute on 2 cores)."""
+def _run_child(paths: list[str]) -> None:
+    """pytest ``paths`` in a child process with the interpreter and the triton backend."""
     if INTERPRET:
         pytest.skip("this process is the interpreter child; the cases run here")
     pytest.importorskip("triton", reason="triton is not installed")
     env = dict(os.environ, TRITON_INTERPRET="1", MOE_KERNELS_BACKEND="triton")
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__)]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *paths]
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     took = time.perf_counter() - start
     tail = (proc.stdout[-6000:] + "\n" + proc.stderr[-3000:]).strip()
-    assert proc.returncode == 0, f"interpreter run failed after {took:.0f}s:\n{tail}"
+    assert proc.returncode == 0, f"interpreter run of {paths} failed after {took:.0f}s:\n{tail}"
     assert " passed" in proc.stdout, tail
+
+
+def test_interpreter_suite():
+    """This module's cases under the interpreter, in a child process (~30 s on 2 cores)."""
+    _run_child([os.path.abspath(__file__)])
+
+
+def test_op_suite_through_triton():
+    """The project's op tests with ``MOE_KERNELS_BACKEND=triton TRITON_INTERPRET=1`` (~1 min)."""
+    ops = os.path.join(ROOT, "tests", "test_ops.py")
+    if not os.path.exists(ops):
+        pytest.skip("tests/test_ops.py is not there")
+    _run_child([ops])
 
 
 def _close(actual: torch.Tensor, expected: torch.Tensor, dt: str) -> None:
