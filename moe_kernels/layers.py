@@ -218,7 +218,7 @@ class MoEMlp(nn.Module):
                 tokens; required with ``router="external"``, overrides the own router otherwise.
 
         Returns:
-            ``[..., Dout]``, dtype of ``x``.
+            ``[..., Dout]``, dtype of ``x`` (autocast's dtype under autocast).
         """
         if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[-1] != self.in_features:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
@@ -264,15 +264,20 @@ class MoEMlp(nn.Module):
             weights: ``[T, K]`` combine weights.
 
         Returns:
-            ``[T, Dout]``, dtype of ``x``.
+            ``[T, Dout]``, dtype of ``x`` (autocast's dtype under autocast).
         """
         be = self.backend
-        buf = dispatch(x, routing, backend=be)  # [E, G*C, D] or [T*K, D]
+        # Custom ops are not autocast-aware: do autocast's job (matmuls in its dtype) by hand,
+        # so fp32 master weights meet bf16/fp16 activations in one dtype.
+        dev = x.device.type
+        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        buf = dispatch(x.to(dt), routing, backend=be)  # [E, G*C, D] or [T*K, D]
         R = routing.num_rows
-        h = grouped_mm(buf.reshape(R, self.in_features), self.fc1_weight, routing.offsets, backend=be)  # [R, H]
+        w1, w2 = self.fc1_weight.to(dt), self.fc2_weight.to(dt)
+        h = grouped_mm(buf.reshape(R, self.in_features), w1, routing.offsets, backend=be)  # [R, H]
         h = self._add_bias(h, self.fc1_bias, routing)  # [R, H]
-        h = self.norm(self.drop1(self.act(h)))  # [R, H]
-        y = grouped_mm(h, self.fc2_weight, routing.offsets, backend=be)  # [R, Dout]
+        h = self.norm(self.drop1(self.act(h))).to(dt)  # [R, H]
+        y = grouped_mm(h, w2, routing.offsets, backend=be)  # [R, Dout]
         y = self.drop2(self._add_bias(y, self.fc2_bias, routing))  # [R, Dout]
         # Empty rows of a padded buffer now hold act(b1) @ W2.T + b2, not zeros; combine reads
         # only the rows of kept assignments, so they never reach the output (nor any gradient).
@@ -281,6 +286,7 @@ class MoEMlp(nn.Module):
     def _add_bias(self, h: Tensor, bias: Tensor | None, routing: Routing) -> Tensor:
         if bias is None:
             return h
+        bias = bias.to(h.dtype)
         E, N = bias.shape
         if routing.capacity is not None:
             # Padded layout: expert e owns rows e*G*C : (e+1)*G*C, a plain broadcast.

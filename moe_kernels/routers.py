@@ -72,10 +72,11 @@ def _router_weight(num_experts: int, in_features: int, device, dtype) -> nn.Para
     return nn.Parameter(torch.empty(num_experts, in_features, device=device, dtype=dtype))
 
 
-def _logits(x: Tensor, weight: Tensor) -> Tensor:
-    # Routing decisions are made in fp32 whatever the activations' dtype: a bf16 matmul
-    # would flip near-ties from one backend to another.
-    return F.linear(x.float(), weight.float())  # [T, E]
+def _logits(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    # Routing decisions are made in fp32 whatever the activations' dtype (autocast included):
+    # a bf16 matmul would flip near-ties from one backend to another.
+    with torch.autocast(x.device.type, enabled=False):
+        return F.linear(x.float(), weight.float(), None if bias is None else bias.float())  # [T, E]
 
 
 class NoisyTopKRouter(nn.Module):
@@ -328,7 +329,7 @@ class PerImageRouter(nn.Module):
         B, N, _ = x.shape
         feats = x[:, 0] if self.router_input == "cls" else x.mean(dim=1)  # [B, D]
         z = self.norm(feats)  # [B, D]
-        logits = F.linear(z.float(), self.proj.weight.float(), self.proj.bias.float())  # [B, E] fp32
+        logits = _logits(z, self.proj.weight, self.proj.bias)  # [B, E]
         weights, indices = topk_softmax(logits, self.k, renormalize=self.renormalize, backend=self.backend)  # [B, K]
         K = self.k
         tok_indices = indices[:, None, :].expand(B, N, K).reshape(B * N, K)  # [T, K]

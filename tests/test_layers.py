@@ -238,6 +238,21 @@ def test_bf16_close_to_fp32():
     torch.testing.assert_close(out.float(), ref, atol=0.1, rtol=0.05)
 
 
+def test_autocast_fp32_weights_bf16_compute_fp32_routing():
+    m = _layer(E=4, K=2, capacity_factor=1.0, group_size=8).eval()
+    x = torch.randn(16, 7, requires_grad=True)
+    ref = m(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(x)
+        routed = m.router(x, capacity_factor=1.0, group_size=8)
+    assert out.dtype == torch.bfloat16 and routed.logits.dtype == torch.float32
+    # The router ran in fp32 under autocast: the same decisions as without it.
+    assert torch.equal(routed.routing.slot, m.router(x, capacity_factor=1.0, group_size=8).routing.slot)
+    torch.testing.assert_close(out.float(), ref, atol=0.1, rtol=0.05)
+    out.float().sum().backward()
+    assert x.grad is not None and m.fc1_weight.grad.dtype == torch.float32
+
+
 def test_external_routing_and_errors():
     x = torch.randn(2, 3, 7)
     r = mk.PerImageRouter(7, 4, 2)
