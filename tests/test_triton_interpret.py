@@ -285,3 +285,19 @@ def test_fp64_runs_reference_for_gradcheck():
     x = torch.randn(8, 5, dtype=torch.float64, requires_grad=True)
     w = torch.randn(2, 4, 5, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda a, b: mk.grouped_mm(a, b, offsets, backend="triton"), (x, w))
+
+
+@in_child
+def test_bad_offsets_and_indices_stay_in_bounds():
+    """GPU inputs are not validated on the host (a sync): the kernels must not overrun."""
+    from moe_kernels.ops import _triton
+
+    x, w = torch.randn(10, 16), torch.randn(2, 8, 16)
+    bad = torch.tensor([0, 6, 14])  # offsets[E] > M
+    y = _triton.grouped_mm(x, w, bad)
+    torch.testing.assert_close(y[6:], x[6:] @ w[1].T)
+    dw = _triton.grouped_mm_weight_grad(x, torch.ones(10, 8), bad)
+    torch.testing.assert_close(dw[1], torch.ones(4, 8).T @ x[6:])
+    slot, rows, row_src, counts, _ = _triton.make_routing(torch.tensor([[0], [5], [1]]), 2, 2, 3, None)
+    assert slot.tolist() == [[0], [-1], [0]] and rows.tolist() == [[0], [-1], [2]]
+    assert row_src.tolist() == [0, -1, 2, -1] and counts.tolist() == [1, 1]

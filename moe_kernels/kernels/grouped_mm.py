@@ -150,7 +150,9 @@ def _grouped_mm_kernel(
     for e in range(e_first, e_last + 1):
         start = tl.load(Off_ptr + e)
         end = tl.load(Off_ptr + e + 1)
-        in_e = (rm >= start) & (rm < end)
+        # rm < M: offsets are validated on the host only for CPU tensors (on a GPU that would
+        # be a sync), so a bad offsets[E] > M must not read or write out of bounds.
+        in_e = (rm >= start) & (rm < end) & (rm < M)
         x_ptrs = X_ptr + rm64[:, None] * stride_xm + rk[None, :] * stride_xk
         w_ptrs = w_expert + rn[None, :].to(tl.int64) * stride_wn + rk[:, None] * stride_wk
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -209,8 +211,9 @@ def _grouped_mm_weight_grad_kernel(
     rm = tl.arange(0, BLOCK_M)
     n_ok = rn < N
     k_ok = rk < KD
-    start = tl.load(Off_ptr + e)
-    end = tl.load(Off_ptr + e + 1)
+    # Clamped to [0, M]: GPU offsets are not validated on the host (that would be a sync).
+    start = tl.maximum(tl.load(Off_ptr + e), 0)
+    end = tl.minimum(tl.load(Off_ptr + e + 1), M)
 
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for m0 in range(start, end, BLOCK_M):
@@ -235,7 +238,8 @@ def _grouped_mm_weight_grad_kernel(
 
 
 grouped_mm_kernel = triton.autotune(
-    configs=GROUPED_MM_CONFIGS, key=["M", "N", "KD"], prune_configs_by={"early_config_prune": _prune_fwd}
+    # stride_wk is 1 for the forward and Din for dX (the transposed view): tuned separately.
+    configs=GROUPED_MM_CONFIGS, key=["M", "N", "KD", "stride_wk"], prune_configs_by={"early_config_prune": _prune_fwd}
 )(_grouped_mm_kernel)
 
 grouped_mm_weight_grad_kernel = triton.autotune(

@@ -100,16 +100,19 @@ def _routing_positions_kernel(
     # counted pairwise so the cost is BLOCK**2 whatever E is.
     earlier = (jj[None, :] < jj[:, None]) & (e[None, :] == e[:, None])
     rank = tl.sum(earlier.to(tl.int32), axis=1)
-    e_safe = tl.where(valid, e, 0)
-    before = tl.load(B_ptr + pid.to(tl.int64) * E + e_safe, mask=valid, other=0)
+    # Indices are range-checked on the host only for CPU tensors (on a GPU that would be a
+    # sync): an expert outside [0, E) is dropped instead of addressing out of bounds.
+    known = valid & (e >= 0) & (e < E)
+    e_safe = tl.where(known, e, 0)
+    before = tl.load(B_ptr + pid.to(tl.int64) * E + e_safe, mask=known, other=0)
     pos = before + rank
     if DROPLESS:
-        kept = valid
-        slot = pos
+        kept = known
+        slot = tl.where(kept, pos, -1)
     else:
-        kept = valid & (pos < C)
+        kept = known & (pos < C)
         slot = tl.where(kept, g.to(tl.int64) * C + pos, -1)
-    start = tl.load(Off_ptr + e_safe, mask=valid, other=0)
+    start = tl.load(Off_ptr + e_safe, mask=known, other=0)
     row = tl.where(kept, start + slot, -1)
     tk = t * K + k
     tl.store(Slot_ptr + tk, slot, mask=valid)
