@@ -274,25 +274,12 @@ class MoEMlp(nn.Module):
         buf = dispatch(x.to(dt), routing, backend=be)  # [E, G*C, D] or [T*K, D]
         R = routing.num_rows
         w1, w2 = self.fc1_weight.to(dt), self.fc2_weight.to(dt)
-        h = grouped_mm(buf.reshape(R, self.in_features), w1, routing.offsets, backend=be)  # [R, H]
-        h = self._add_bias(h, self.fc1_bias, routing)  # [R, H]
+        b1 = None if self.fc1_bias is None else self.fc1_bias.to(dt)
+        b2 = None if self.fc2_bias is None else self.fc2_bias.to(dt)
+        # Biases ride in the grouped GEMM (fused into each expert's GEMM where the backend can).
+        h = grouped_mm(buf.reshape(R, self.in_features), w1, routing.offsets, bias=b1, backend=be)  # [R, H]
         h = self.norm(self.drop1(self.act(h))).to(dt)  # [R, H]
-        y = grouped_mm(h, w2, routing.offsets, backend=be)  # [R, Dout]
-        y = self.drop2(self._add_bias(y, self.fc2_bias, routing))  # [R, Dout]
+        y = self.drop2(grouped_mm(h, w2, routing.offsets, bias=b2, backend=be))  # [R, Dout]
         # Empty rows of a padded buffer now hold act(b1) @ W2.T + b2, not zeros; combine reads
         # only the rows of kept assignments, so they never reach the output (nor any gradient).
         return combine(y, routing, weights, backend=be)  # [T, Dout]
-
-    def _add_bias(self, h: Tensor, bias: Tensor | None, routing: Routing) -> Tensor:
-        if bias is None:
-            return h
-        bias = bias.to(h.dtype)
-        E, N = bias.shape
-        if routing.capacity is not None:
-            # Padded layout: expert e owns rows e*G*C : (e+1)*G*C, a plain broadcast.
-            return (h.view(E, -1, N) + bias[:, None, :]).view(h.shape)  # [R, N]
-        # Dropless: rows of expert e are offsets[e]:offsets[e+1]; the expert of each row comes
-        # from a search in the offsets, with static shapes and no host sync.
-        rows = torch.arange(h.shape[0], device=h.device)  # [R]
-        expert = torch.bucketize(rows, routing.offsets[1:], right=True)  # [R]
-        return h + bias[expert]  # [R, N]
