@@ -301,3 +301,18 @@ def test_bad_offsets_and_indices_stay_in_bounds():
     slot, rows, row_src, counts, _ = _triton.make_routing(torch.tensor([[0], [5], [1]]), 2, 2, 3, None)
     assert slot.tolist() == [[0], [-1], [0]] and rows.tolist() == [[0], [-1], [2]]
     assert row_src.tolist() == [0, -1, 2, -1] and counts.tolist() == [1, 1]
+
+
+@in_child
+@dtypes
+def test_grouped_mm_fused_bias(dt):
+    """The bias is added in fp32 before the single rounding, as the reference does."""
+    from moe_kernels.ops import _triton
+
+    dtype = DTYPES[dt][0]
+    offsets = torch.tensor([0, 9, 9, 25])
+    x, w, b = torch.randn(30, 20).to(dtype), torch.randn(3, 12, 20).to(dtype), torch.randn(3, 12).to(dtype)
+    got, want = _triton.grouped_mm(x, w, offsets, b), reference.grouped_mm(x, w, offsets, b)
+    exact = reference.grouped_mm(x.double(), w.double(), offsets, b.double())
+    _close_lowp(got, want, exact, dt)
+    assert not got[25:].any()

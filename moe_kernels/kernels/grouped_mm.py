@@ -101,6 +101,7 @@ def _grouped_mm_kernel(
     W_ptr,
     Y_ptr,
     Off_ptr,
+    B_ptr,
     M,
     N,
     KD,
@@ -112,6 +113,9 @@ def _grouped_mm_kernel(
     stride_wk,
     stride_ym,
     stride_yn,
+    stride_be,
+    stride_bn,
+    HAS_BIAS: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -120,8 +124,9 @@ def _grouped_mm_kernel(
     GROUP_M: tl.constexpr,
 ):
     """Grid ``(cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N),)``: each program owns a [BLOCK_M, BLOCK_N]
-    tile of y [M, N] = x [M, KD] @ w[e] [N, KD].T per expert range; rows at or past
-    offsets[E] are written as zeros. fp32 accumulation, stored in y's dtype.
+    tile of y [M, N] = x [M, KD] @ w[e] [N, KD].T (+ bias[e] [N] when HAS_BIAS) per expert
+    range; rows at or past offsets[E] are written as zeros. fp32 accumulation and bias add,
+    rounded once to y's dtype.
     """
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -147,6 +152,7 @@ def _grouped_mm_kernel(
     # The expert's matrix advances by a pointer step: under the interpreter the loop variable
     # is a Python int, which has no .to(tl.int64).
     w_expert = W_ptr + e_first.to(tl.int64) * stride_we
+    b_expert = B_ptr + e_first.to(tl.int64) * stride_be
     for e in range(e_first, e_last + 1):
         start = tl.load(Off_ptr + e)
         end = tl.load(Off_ptr + e + 1)
@@ -166,8 +172,11 @@ def _grouped_mm_kernel(
             acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
             x_ptrs += BLOCK_K * stride_xk
             w_ptrs += BLOCK_K * stride_wk
+        if HAS_BIAS:
+            acc += tl.load(b_expert + rn * stride_bn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         tl.store(y_ptrs, acc.to(Y_ptr.dtype.element_ty), mask=in_e[:, None] & n_ok[None, :])
         w_expert += stride_we
+        b_expert += stride_be
 
     past = (rm >= tl.load(Off_ptr + E)) & (rm < M)
     zeros = tl.zeros((BLOCK_M, BLOCK_N), dtype=Y_ptr.dtype.element_ty)
@@ -239,7 +248,9 @@ def _grouped_mm_weight_grad_kernel(
 
 grouped_mm_kernel = triton.autotune(
     # stride_wk is 1 for the forward and Din for dX (the transposed view): tuned separately.
-    configs=GROUPED_MM_CONFIGS, key=["M", "N", "KD", "stride_wk"], prune_configs_by={"early_config_prune": _prune_fwd}
+    configs=GROUPED_MM_CONFIGS,
+    key=["M", "N", "KD", "stride_wk"],
+    prune_configs_by={"early_config_prune": _prune_fwd},
 )(_grouped_mm_kernel)
 
 grouped_mm_weight_grad_kernel = triton.autotune(

@@ -246,9 +246,9 @@ def combine_weights_grad(a: Tensor, b: Tensor, rows: Tensor) -> Tensor:
     return g
 
 
-def grouped_mm(x: Tensor, w: Tensor, offsets: Tensor) -> Tensor:
-    if _fp64(x, w):
-        return reference.grouped_mm(x, w, offsets)
+def grouped_mm(x: Tensor, w: Tensor, offsets: Tensor, bias: Tensor | None = None) -> Tensor:
+    if _fp64(x, w, bias):
+        return reference.grouped_mm(x, w, offsets, bias)
     M, KD = x.shape
     E, N, _ = w.shape
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)  # [M, N]
@@ -259,10 +259,12 @@ def grouped_mm(x: Tensor, w: Tensor, offsets: Tensor) -> Tensor:
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
+    b = bias if bias is not None else out  # placeholder pointer, unread without HAS_BIAS
     with _on_device(x):
         grouped_mm_kernel[grid](
-            x, w, out, offsets, M, N, KD, E,
+            x, w, out, offsets, b, M, N, KD, E,
             x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2), out.stride(0), out.stride(1),
+            b.stride(0), b.stride(1), HAS_BIAS=bias is not None,
             **_dot_options(x.dtype),
         )  # fmt: skip
     return out
