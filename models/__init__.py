@@ -1,0 +1,1 @@
+"""Reference models (V-MoE, Mobile V-MoE), data, and the training/evaluation CLI."""

@@ -1,0 +1,180 @@
+"""V-MoE (Riquelme et al. 2021): a ViT whose chosen blocks route each token to K of E experts.
+
+``create_model("B/16", num_experts=32, moe_layers="every-2")`` is V-MoE-B/16 (DESIGN.md
+section 6); ``moe_layers=None`` is the dense ViT. Variants are registered factory functions
+(``vmoe_b16(**kw)``, ...); ``list_models()`` names them. Besides the paper's S/32, B/32, B/16,
+L/16 and H/14 there are small ones for CPU runs: Ti (ViT-Tiny) and Mu (6 x 64) with 16 or 4
+pixel patches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from models.vit import VisionTransformer
+from moe_kernels.convert import moe_layer_indices
+
+__all__ = ["WIDTHS", "create_model", "list_models", "register_model"]
+
+#: name: (D hidden, H MLP, heads, blocks). S is V-MoE's S (8 blocks of 512), not timm's.
+WIDTHS: dict[str, tuple[int, int, int, int]] = {
+    "Mu": (64, 256, 2, 6),
+    "Ti": (192, 768, 3, 12),
+    "S": (512, 2048, 8, 8),
+    "B": (768, 3072, 12, 12),
+    "L": (1024, 4096, 16, 24),
+    "H": (1280, 5120, 16, 32),
+}
+
+_REGISTRY: dict[str, Callable[..., VisionTransformer]] = {}
+
+
+def register_model(name: str) -> Callable:
+    def wrap(fn: Callable[..., VisionTransformer]) -> Callable[..., VisionTransformer]:
+        if name in _REGISTRY:
+            raise ValueError(f"variant {name!r} is already registered")
+        _REGISTRY[name] = fn
+        return fn
+
+    return wrap
+
+
+def list_models() -> list[str]:
+    return list(_REGISTRY)
+
+
+def _build(
+    width: str,
+    patch_size: int,
+    *,
+    num_experts: int = 8,
+    k: int = 2,
+    moe_layers: str | Sequence[int] | None = "every-2",
+    num_classes: int = 1000,
+    representation_size: int | None = None,
+    image_size: int = 224,
+    capacity_factor: float | None = 1.05,
+    eval_capacity_factor: float | None = None,
+    group_images: int = 8,
+    in_chans: int = 3,
+    router: str = "vmoe",
+    batch_priority: bool = False,
+    noise_std: float = 1.0,
+    share_expert_init: bool = True,
+    **moe_kwargs,
+) -> VisionTransformer:
+    dim, mlp_dim, heads, depth = WIDTHS[width]
+    blocks = () if moe_layers is None else moe_layer_indices(moe_layers, depth)
+    model = VisionTransformer(
+        image_size=image_size,
+        patch_size=patch_size,
+        in_chans=in_chans,
+        num_classes=num_classes,
+        dim=dim,
+        mlp_dim=mlp_dim,
+        num_heads=heads,
+        depth=depth,
+        representation_size=representation_size,
+        moe_blocks=blocks,
+        num_experts=num_experts,
+        moe_kwargs=dict(
+            k=k,
+            capacity_factor=capacity_factor,
+            eval_capacity_factor=eval_capacity_factor,
+            router=router,
+            batch_priority=batch_priority,
+            noise_std=noise_std,
+            **moe_kwargs,
+        ),
+        group_images=group_images,
+        share_expert_init=share_expert_init,
+    )
+    model.variant = f"{width}/{patch_size}"
+    return model
+
+
+@register_model("Mu/4")
+def vmoe_mu4(**kw) -> VisionTransformer:
+    """6 x 64, patch 4: the CPU demo size (16 x 16 inputs -> 17 tokens)."""
+    return _build("Mu", 4, **kw)
+
+
+@register_model("Ti/4")
+def vmoe_ti4(**kw) -> VisionTransformer:
+    return _build("Ti", 4, **kw)
+
+
+@register_model("Ti/16")
+def vmoe_ti16(**kw) -> VisionTransformer:
+    return _build("Ti", 16, **kw)
+
+
+@register_model("S/32")
+def vmoe_s32(**kw) -> VisionTransformer:
+    return _build("S", 32, **kw)
+
+
+@register_model("B/32")
+def vmoe_b32(**kw) -> VisionTransformer:
+    return _build("B", 32, **kw)
+
+
+@register_model("B/16")
+def vmoe_b16(**kw) -> VisionTransformer:
+    return _build("B", 16, **kw)
+
+
+@register_model("L/16")
+def vmoe_l16(**kw) -> VisionTransformer:
+    return _build("L", 16, **kw)
+
+
+@register_model("H/14")
+def vmoe_h14(**kw) -> VisionTransformer:
+    return _build("H", 14, **kw)
+
+
+def create_model(
+    variant: str = "B/16",
+    *,
+    num_experts: int = 8,
+    k: int = 2,
+    moe_layers: str | Sequence[int] | None = "every-2",
+    num_classes: int = 1000,
+    representation_size: int | None = None,
+    image_size: int = 224,
+    capacity_factor: float | None = 1.05,
+    group_images: int = 8,
+    **kwargs,
+) -> VisionTransformer:
+    """A V-MoE (or, with ``moe_layers=None``, dense ViT) of a registered variant.
+
+    Args:
+        variant: one of ``list_models()``: ``"S/32"``, ``"B/32"``, ``"B/16"``, ``"L/16"``,
+            ``"H/14"``, and the small ``"Ti/16"``, ``"Ti/4"``, ``"Mu/4"``.
+        num_experts: E per MoE layer.
+        k: K experts per token.
+        moe_layers: ``"every-n"`` (blocks ``range(n-1, L, n)``), ``"last-n"`` (the last n odd
+            blocks), a tuple of block indices, or ``None`` for the dense ViT.
+        num_classes: head outputs.
+        representation_size: width of the ``Linear + tanh`` pre-logits layer (None: none).
+        image_size: input side in pixels (a multiple of the patch size).
+        capacity_factor: in training (``None``: dropless).
+        group_images: images per routing group (group size = images x tokens per image).
+        **kwargs: ``eval_capacity_factor``, ``in_chans``, ``batch_priority``, ``noise_std``,
+            ``router`` ("vmoe" or "expert_choice"), ``share_expert_init`` and further
+            ``MoEMlp`` keywords (``renormalize``, ``backend``, loss weights).
+    """
+    if variant not in _REGISTRY:
+        raise ValueError(f"unknown V-MoE variant {variant!r}; registered: {list_models()}")
+    return _REGISTRY[variant](
+        num_experts=num_experts,
+        k=k,
+        moe_layers=moe_layers,
+        num_classes=num_classes,
+        representation_size=representation_size,
+        image_size=image_size,
+        capacity_factor=capacity_factor,
+        group_images=group_images,
+        **kwargs,
+    )
