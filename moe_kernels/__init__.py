@@ -2,11 +2,12 @@
 
 Functional API (DESIGN.md section 4): ``compute_capacity``, ``topk_softmax``, ``make_routing``,
 ``dispatch``, ``combine``, ``grouped_mm`` and ``losses``. Modules: ``MoEMlp``, the routers of
-``routers``; ``moeify`` and ``aux_loss`` for whole models. Every tensor op is a ``torch.library``
-custom op in the ``moe_kernels`` namespace, runnable by several backends (``backends``).
+``routers``; ``moeify`` and ``aux_loss`` for whole models; ``distributed`` for expert
+parallelism. Every tensor op is a ``torch.library`` custom op in the ``moe_kernels`` namespace,
+runnable by several backends (``backends``).
 """
 
-from moe_kernels import _ext, backends, losses, reference, routers
+from moe_kernels import _ext, backends, distributed, losses, reference, routers
 from moe_kernels.convert import aux_loss, moeify
 from moe_kernels.layers import MoEMlp
 from moe_kernels.ops import Routing, combine, compute_capacity, dispatch, grouped_mm, make_routing, topk_softmax
@@ -26,6 +27,7 @@ __all__ = [
     "combine",
     "compute_capacity",
     "dispatch",
+    "distributed",
     "grouped_mm",
     "losses",
     "make_routing",

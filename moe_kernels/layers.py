@@ -12,6 +12,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from moe_kernels import distributed
 from moe_kernels.ops import Routing, combine, dispatch, grouped_mm
 from moe_kernels.routers import (
     ExpertChoiceRouter,
@@ -65,6 +66,11 @@ class MoEMlp(nn.Module):
             tokens of each call. ``None``: all tokens of the call form one group.
         importance_weight, load_weight, gshard_weight: the router's auxiliary loss weights.
         backend: ``auto`` or a name of ``moe_kernels.backends.BACKENDS``, for every op.
+        process_group: a ``torch.distributed`` group of W ranks to shard the experts over
+            (expert parallelism, ``moe_kernels.distributed``): rank r holds experts
+            ``[r*E/W, (r+1)*E/W)``, so the expert parameters are ``[E/W, ...]``; the router is
+            replicated. Every rank routes its own tokens as the single-process layer would and
+            every rank must call forward (collectives). ``None``: all experts here.
         device, dtype: of the parameters.
 
     Attributes:
@@ -95,6 +101,7 @@ class MoEMlp(nn.Module):
         load_weight: float = 0.005,
         gshard_weight: float = 0.0,
         backend: str = "auto",
+        process_group=None,
         device=None,
         dtype=None,
     ) -> None:
@@ -131,6 +138,10 @@ class MoEMlp(nn.Module):
         self.capacity_factor = capacity_factor
         self.eval_capacity_factor = eval_capacity_factor
         self.aux_loss: Tensor | None = None
+        self.process_group = process_group
+        self.first_expert, self.num_local_experts = (
+            (0, num_experts) if process_group is None else distributed.local_experts(num_experts, process_group)
+        )
 
         if router == "vmoe":
             self.router = NoisyTopKRouter(
@@ -153,7 +164,7 @@ class MoEMlp(nn.Module):
         else:
             self.router = None
 
-        E, H, D, Dout = num_experts, hidden_features, in_features, out_features
+        E, H, D, Dout = self.num_local_experts, hidden_features, in_features, out_features
         bias1, bias2 = _pair(bias)
         drop1, drop2 = _pair(drop)
         self.fc1_weight = nn.Parameter(torch.empty(E, H, D, **dd))
@@ -209,6 +220,11 @@ class MoEMlp(nn.Module):
             f"router={self.router_type!r}, capacity_factor={self.capacity_factor}, "
             f"eval_capacity_factor={self.eval_capacity_factor}, group_size={self.group_size}, "
             f"batch_priority={self.batch_priority}, renormalize={self.renormalize}, backend={self.backend!r}"
+            + (
+                ""
+                if self.process_group is None
+                else f", local_experts=[{self.first_expert}, {self.first_expert + self.num_local_experts})"
+            )
         )
 
     def forward(self, x: Tensor, routing: RouterOutput | None = None) -> Tensor:
@@ -253,6 +269,9 @@ class MoEMlp(nn.Module):
     def _empty(self, x2: Tensor, lead: torch.Size) -> Tensor:
         # No tokens: nothing to route (a capacity for 0-token groups is undefined). The output
         # stays attached to x so a backward through an empty batch still runs.
+        if self.process_group is not None:
+            # The other ranks still exchange rows with this one: join their collectives.
+            x2 = self._expert_parallel(x2, None, None)
         return x2.new_zeros(*lead, self.out_features) + x2.sum() * 0
 
     def experts(self, x: Tensor, routing: Routing, weights: Tensor) -> Tensor:
@@ -266,20 +285,41 @@ class MoEMlp(nn.Module):
         Returns:
             ``[T, Dout]``, dtype of ``x`` (autocast's dtype under autocast).
         """
-        be = self.backend
+        if self.process_group is not None:
+            return self._expert_parallel(x, routing, weights)
+        buf = dispatch(x.to(self._compute_dtype(x)), routing, backend=self.backend)  # [E, G*C, D] or [T*K, D]
+        y = self._expert_mlp(buf.reshape(routing.num_rows, self.in_features), routing.offsets)  # [R, Dout]
+        # Empty rows of a padded buffer now hold act(b1) @ W2.T + b2, not zeros; combine reads
+        # only the rows of kept assignments, so they never reach the output (nor any gradient).
+        return combine(y, routing, weights, backend=self.backend)  # [T, Dout]
+
+    @staticmethod
+    def _compute_dtype(x: Tensor) -> torch.dtype:
         # Custom ops are not autocast-aware: do autocast's job (matmuls in its dtype) by hand,
         # so fp32 master weights meet bf16/fp16 activations in one dtype.
         dev = x.device.type
-        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-        buf = dispatch(x.to(dt), routing, backend=be)  # [E, G*C, D] or [T*K, D]
-        R = routing.num_rows
+        return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+    def _expert_mlp(self, rows: Tensor, offsets: Tensor) -> Tensor:
+        """This module's experts on ``rows [R, D]`` grouped by expert (``offsets [E+1]``, local
+        experts under expert parallelism) -> ``[R, Dout]``."""
+        be, dt = self.backend, rows.dtype
         w1, w2 = self.fc1_weight.to(dt), self.fc2_weight.to(dt)
         b1 = None if self.fc1_bias is None else self.fc1_bias.to(dt)
         b2 = None if self.fc2_bias is None else self.fc2_bias.to(dt)
         # Biases ride in the grouped GEMM (fused into each expert's GEMM where the backend can).
-        h = grouped_mm(buf.reshape(R, self.in_features), w1, routing.offsets, bias=b1, backend=be)  # [R, H]
+        h = grouped_mm(rows, w1, offsets, bias=b1, backend=be)  # [R, H]
         h = self.norm(self.drop1(self.act(h))).to(dt)  # [R, H]
-        y = self.drop2(grouped_mm(h, w2, routing.offsets, bias=b2, backend=be))  # [R, Dout]
-        # Empty rows of a padded buffer now hold act(b1) @ W2.T + b2, not zeros; combine reads
-        # only the rows of kept assignments, so they never reach the output (nor any gradient).
-        return combine(y, routing, weights, backend=be)  # [T, Dout]
+        return self.drop2(grouped_mm(h, w2, offsets, bias=b2, backend=be))  # [R, Dout]
+
+    def _expert_parallel(self, x: Tensor, routing: Routing | None, weights: Tensor | None) -> Tensor:
+        return distributed.expert_parallel(
+            x.to(self._compute_dtype(x)),
+            routing,
+            weights,
+            self._expert_mlp,
+            num_experts=self.num_experts,
+            out_features=self.out_features,
+            process_group=self.process_group,
+            backend=self.backend,
+        )
