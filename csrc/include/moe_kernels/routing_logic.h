@@ -52,6 +52,23 @@ MOEK_HD void topk_row(LoadFn load, int E, int k, int* out_idx, V* out_val) {
   }
 }
 
+// Sort key of a Batch Prioritized Routing priority: keys in ascending order are priorities in
+// descending order, NaN ranking like -inf (rank_key) and -0 like +0. A stable sort on this key
+// orders tokens exactly as a stable sort on rank_key(priority) descending (the CPU kernel's
+// comparator); the CUDA kernel radix-sorts it.
+MOEK_HD uint32_t priority_order_key(float priority) {
+  float v = rank_key(priority);
+  if (v == 0.0f) v = 0.0f;
+#if defined(__CUDA_ARCH__)
+  const uint32_t u = __float_as_uint(v);
+#else
+  uint32_t u;
+  __builtin_memcpy(&u, &v, sizeof(u));
+#endif
+  const uint32_t ascending = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+  return ~ascending;
+}
+
 // Slot of an assignment at `pos` in (group g, expert e): g*C + pos with a capacity (or -1 when
 // pos >= C), pos itself when dropless (capacity < 0; pos then counts over all groups).
 MOEK_HD int64_t slot_of(int64_t g, int64_t pos, int64_t capacity) {
