@@ -18,6 +18,7 @@ import subprocess
 
 import pytest
 import torch
+
 from moe_kernels import _ext
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
