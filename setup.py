@@ -17,12 +17,37 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import shutil
+import subprocess
 import warnings
 
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _locate_cuda_home() -> None:
+    """Set CUDA_HOME from nvcc's own idea of its toolkit root when unset.
+
+    torch guesses CUDA_HOME from the nvcc on PATH; a wrapper script there (e.g. /usr/local/bin/nvcc)
+    makes it guess /usr/local and the link then misses libcudart. ``nvcc --dryrun`` prints TOP.
+    """
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or not shutil.which("nvcc"):
+        return
+    try:
+        out = subprocess.run(
+            [shutil.which("nvcc"), "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+            capture_output=True, text=True, timeout=60,
+        ).stderr
+    except (OSError, subprocess.SubprocessError):
+        return
+    m = re.search(r"^#\$ TOP=(.+)$", out, re.M)
+    if m:
+        os.environ["CUDA_HOME"] = os.path.realpath(m.group(1).strip())
+
+
+_locate_cuda_home()
 
 
 def _env(name: str, default: str = "") -> str:

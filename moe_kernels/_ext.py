@@ -14,8 +14,14 @@ import warnings
 import torch  # noqa: F401  (loads libc10/libtorch, which _C links against)
 
 LOAD_ERROR: str | None = None
+# MOE_KERNELS_LIBRARY=path/to/_C.so loads another build of the extension (make test-asan uses it
+# for the sanitizer build, which lives outside the package).
+LIBRARY = os.environ.get("MOE_KERNELS_LIBRARY")
 try:
-    importlib.import_module("moe_kernels._C")  # importing registers the moe_kernels_C ops
+    if LIBRARY:
+        torch.ops.load_library(LIBRARY)
+    else:
+        importlib.import_module("moe_kernels._C")  # importing registers the moe_kernels_C ops
 
     LOADED = True
 except Exception as exc:  # ImportError, or an OSError from a broken/ABI-mismatched build

@@ -25,6 +25,8 @@ def report() -> str:
     except Exception as exc:
         lines.append(f"triton             not importable ({type(exc).__name__}: {exc})")
     lines.append(f"_C loaded          {_ext.LOADED}" + ("" if _ext.LOADED else f" ({_ext.LOAD_ERROR})"))
+    if _ext.LIBRARY:
+        lines.append(f"_C library         {_ext.LIBRARY} (MOE_KERNELS_LIBRARY)")
     if _ext.LOADED:
         lines.append(f"_C build           {_ext.build_info()}")
         lines.append(f"_C CUDA kernels    {'built' if _ext.cuda_kernels_built() else 'not built'}")

@@ -298,6 +298,8 @@ class MoEMlp(nn.Module):
         # Custom ops are not autocast-aware: do autocast's job (matmuls in its dtype) by hand,
         # so fp32 master weights meet bf16/fp16 activations in one dtype.
         dev = x.device.type
+        if not torch.amp.is_autocast_available(dev):
+            return x.dtype  # e.g. meta tensors
         return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
 
     def _expert_mlp(self, rows: Tensor, offsets: Tensor) -> Tensor:

@@ -94,7 +94,7 @@ def make_routing(
     idx = indices.reshape(G, S, K)  # [G, S, K]
     if priority is not None:
         # Batch Prioritized Routing: descending priority, ties keep token order, NaN ranks last.
-        key = torch.nan_to_num(priority.float().reshape(G, S), nan=float("-inf"))  # [G, S]
+        key = torch.nan_to_num(priority.float().reshape(G, S), nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))  # [G, S]
         order = torch.sort(key, dim=1, descending=True, stable=True).indices  # [G, S]
     else:
         order = torch.arange(S, device=dev).expand(G, S)  # [G, S]

@@ -11,6 +11,7 @@ Shape letters: T tokens, D model width, E experts, K choices per token, G groups
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import torch
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moe_kernels import losses
-from moe_kernels.ops import Routing, compute_capacity, make_routing, topk_softmax
+from moe_kernels.ops import Routing, compute_capacity, grouped_mm, make_routing, topk_softmax
 
 __all__ = [
     "ExpertChoiceRouter",
@@ -72,11 +73,21 @@ def _router_weight(num_experts: int, in_features: int, device, dtype) -> nn.Para
     return nn.Parameter(torch.empty(num_experts, in_features, device=device, dtype=dtype))
 
 
-def _logits(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    # Routing decisions are made in fp32 whatever the activations' dtype (autocast included):
-    # a bf16 matmul would flip near-ties from one backend to another.
-    with torch.autocast(x.device.type, enabled=False):
-        return F.linear(x.float(), weight.float(), None if bias is None else bias.float())  # [T, E]
+def _logits(x: Tensor, weight: Tensor, bias: Tensor | None = None, backend: str = "auto") -> Tensor:
+    """``x @ weight.T (+ bias)`` in fp32: ``[T, D] -> [T, E]``.
+
+    Routing decisions are made in fp32 whatever the activations' dtype (autocast included): a
+    bf16 matmul would flip near-ties from one backend to another. The product is a one-expert
+    ``grouped_mm``, whose kernels reduce in a fixed order: the router's weight gradient (a
+    reduction over all tokens) is then bitwise the same for any thread count, which a threaded
+    BLAS call does not promise.
+    """
+    dev = x.device.type
+    ctx = torch.autocast(dev, enabled=False) if torch.amp.is_autocast_available(dev) else contextlib.nullcontext()
+    with ctx:
+        offsets = torch.tensor([0, x.shape[0]], device=x.device)  # [2]: one group of all tokens
+        b = None if bias is None else bias.float()[None]  # [1, E]
+        return grouped_mm(x.float(), weight.float()[None], offsets, bias=b, backend=backend)  # [T, E]
 
 
 class NoisyTopKRouter(nn.Module):
@@ -157,7 +168,7 @@ class NoisyTopKRouter(nn.Module):
         T, E, K = x.shape[0], self.num_experts, self.k
         S = _groups(T, group_size)
         capacity_factor = _check_factor("capacity_factor", capacity_factor, allow_none=True)
-        logits = _logits(x, self.weight)  # [T, E]
+        logits = _logits(x, self.weight, backend=getattr(self, "backend", "auto"))  # [T, E]
         noisy = logits
         sigma = self.noise_std / E
         noised = self.training and sigma > 0
@@ -229,7 +240,7 @@ class ExpertChoiceRouter(nn.Module):
         S = _groups(T, group_size)
         G = T // S
         C = min(compute_capacity(S, E, 1, capacity_factor), S)
-        logits = _logits(x, self.weight)  # [T, E]
+        logits = _logits(x, self.weight, backend=getattr(self, "backend", "auto"))  # [T, E]
         noisy = logits
         if self.training and self.noise_std > 0:
             noisy = logits + (self.noise_std / E) * torch.randn_like(logits)  # [T, E]
@@ -329,7 +340,7 @@ class PerImageRouter(nn.Module):
         B, N, _ = x.shape
         feats = x[:, 0] if self.router_input == "cls" else x.mean(dim=1)  # [B, D]
         z = self.norm(feats)  # [B, D]
-        logits = _logits(z, self.proj.weight, self.proj.bias)  # [B, E]
+        logits = _logits(z, self.proj.weight, self.proj.bias, backend=self.backend)  # [B, E]
         weights, indices = topk_softmax(logits, self.k, renormalize=self.renormalize, backend=self.backend)  # [B, K]
         K = self.k
         tok_indices = indices[:, None, :].expand(B, N, K).reshape(B * N, K)  # [T, K]

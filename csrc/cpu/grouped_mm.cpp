@@ -1,13 +1,62 @@
-// CPU grouped matmul: one ATen GEMM per expert slice of rows (ATen's GEMM is itself threaded, so
-// the loop over experts stays sequential: a parallel loop of single-threaded GEMMs would idle
-// cores whenever one expert holds most rows). Rows past offsets[E] are padding and come out 0.
+// CPU grouped matmul: ATen GEMMs on fixed tiles of each expert's slice. The tiles depend only on
+// the shapes and each runs single-threaded inside an OpenMP region (BLAS does not nest threads),
+// so every output element is reduced in the same order whatever the thread count: results are
+// bitwise identical for 1 or N threads, which a multi-threaded BLAS call does not promise (it
+// may split a long reduction, as in a weight gradient over many rows). Rows past offsets[E]
+// come out 0.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#include <exception>
+#include <vector>
 
 #include "../checks.h"
 
 namespace moek {
 namespace {
+
+// Rows per forward tile and output columns per weight-gradient tile: big enough for BLAS to run
+// near its single-core peak (measured at the V-MoE-S/32 shapes), small enough to spread a
+// single large expert over the cores.
+constexpr int64_t kRowTile = 128;
+constexpr int64_t kColTile = 128;
+
+struct Tile {
+  int64_t e, lo, hi;
+};
+
+// Splits [0, n) of every expert e into tiles of `tile` (n = rows of e, or a fixed width).
+template <typename LenFn>
+std::vector<Tile> make_tiles(int64_t E, int64_t tile, LenFn len) {
+  std::vector<Tile> tiles;
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t n = len(e);
+    for (int64_t lo = 0; lo < n; lo += tile) tiles.push_back({e, lo, std::min(n, lo + tile)});
+  }
+  return tiles;
+}
+
+// Runs fn(i) for every tile in an OpenMP region that is always opened, even for one tile: at::
+// parallel_for would run a single tile on the calling thread, where BLAS is multi-threaded.
+template <typename Fn>
+void for_each_tile(int64_t n, Fn fn) {
+  std::exception_ptr error = nullptr;
+  const int threads = std::max(1, at::get_num_threads());
+#pragma omp parallel for schedule(static, 1) num_threads(threads)
+  for (int64_t i = 0; i < n; ++i) {
+    if (error) continue;
+    try {
+      // Worker threads do not inherit the caller's dispatch state: stay below autograd.
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      fn(i);
+    } catch (...) {
+#pragma omp critical(moek_tile_error)
+      if (!error) error = std::current_exception();
+    }
+  }
+  if (error) std::rethrow_exception(error);
+}
 
 void check_mm(const char* op, const at::Tensor& x, const char* other_name, const at::Tensor& other) {
   check_dim(op, "x", x, 2);
@@ -34,16 +83,17 @@ at::Tensor grouped_mm_cpu(const at::Tensor& x, const at::Tensor& w, const at::Te
   }
   const int64_t* o = offsets.data_ptr<int64_t>();
   auto out = at::empty({M, N}, x.options());
-  for (int64_t e = 0; e < E; ++e) {
-    const int64_t n = o[e + 1] - o[e];
-    if (n == 0) continue;
-    at::Tensor dst = out.narrow(0, o[e], n);
+  const auto tiles = make_tiles(E, kRowTile, [&](int64_t e) { return o[e + 1] - o[e]; });
+  for_each_tile(static_cast<int64_t>(tiles.size()), [&](int64_t i) {
+    const Tile& t = tiles[i];
+    const int64_t r0 = o[t.e] + t.lo, n = t.hi - t.lo;
+    at::Tensor dst = out.narrow(0, r0, n);
     if (bias.has_value()) {
-      at::addmm_out(dst, bias->select(0, e), x.narrow(0, o[e], n), w.select(0, e).t());
+      at::addmm_out(dst, bias->select(0, t.e), x.narrow(0, r0, n), w.select(0, t.e).t());
     } else {
-      at::mm_out(dst, x.narrow(0, o[e], n), w.select(0, e).t());
+      at::mm_out(dst, x.narrow(0, r0, n), w.select(0, t.e).t());
     }
-  }
+  });
   if (o[E] < M) out.narrow(0, o[E], M - o[E]).zero_();
   return out;
 }
@@ -58,16 +108,20 @@ at::Tensor grouped_mm_weight_grad_cpu(const at::Tensor& x, const at::Tensor& gra
   TORCH_CHECK(E >= 1, "moe_kernels::", op, ": offsets must have at least 2 entries, got ", offsets.size(0));
   check_offsets_host(op, offsets, E, M);
   const int64_t* o = offsets.data_ptr<int64_t>();
-  auto dw = at::empty({E, grad_out.size(1), x.size(1)}, x.options());
-  for (int64_t e = 0; e < E; ++e) {
-    const int64_t n = o[e + 1] - o[e];
-    at::Tensor dst = dw.select(0, e);
+  const int64_t N = grad_out.size(1);
+  auto dw = at::empty({E, N, x.size(1)}, x.options());
+  // Tiles over output columns: each keeps the whole reduction over the expert's rows.
+  const auto tiles = make_tiles(E, kColTile, [&](int64_t) { return N; });
+  for_each_tile(static_cast<int64_t>(tiles.size()), [&](int64_t i) {
+    const Tile& t = tiles[i];
+    const int64_t n = o[t.e + 1] - o[t.e];
+    at::Tensor dst = dw.select(0, t.e).narrow(0, t.lo, t.hi - t.lo);
     if (n > 0) {
-      at::mm_out(dst, grad_out.narrow(0, o[e], n).t(), x.narrow(0, o[e], n));
+      at::mm_out(dst, grad_out.narrow(0, o[t.e], n).narrow(1, t.lo, t.hi - t.lo).t(), x.narrow(0, o[t.e], n));
     } else {
       dst.zero_();
     }
-  }
+  });
   return dw;
 }
 

@@ -71,8 +71,11 @@ def _backward(ctx, grad):
     if ctx.needs_input_grad[1]:
         gw = _grouped_mm_weight_grad(x, grad, offsets, ctx.backend)
     if ctx.needs_input_grad[3]:
-        # Row sums per expert; rows past offsets[E] (padding) are outside every segment.
-        gb = torch.segment_reduce(grad, "sum", offsets=offsets, axis=0, unsafe=True).to(w.dtype)
+        # Row sums per expert, as the weight gradient of a ones column: the same kernel on every
+        # backend, thread-count invariant (segment_reduce's parallel sum is not), and padding
+        # rows past offsets[E] fall outside every expert.
+        ones = grad.new_ones(grad.shape[0], 1)
+        gb = _grouped_mm_weight_grad(ones, grad, offsets, ctx.backend).squeeze(2)
     return gx, gw, None, gb, None
 
 
