@@ -52,6 +52,11 @@ def main(argv=None) -> int:
                                           min_run_time=mrt)
         for case in cases:
             records += run_op_cases(case, "fp32", device, min_run_time=min(mrt, 0.5))
+        if device.type == "cpu" and not args.cases:
+            # Expert parallelism: the all_to_all exchange on 2 gloo processes (its own table row).
+            from bench.distributed import run_exchange_bench
+
+            records += run_exchange_bench(modes=("fwd", "fwd_bwd"), log=print)
     elapsed = time.time() - t0
 
     meta = {
