@@ -75,4 +75,36 @@ inline void check_offsets_host(const char* op, const at::Tensor& offsets, int64_
               "]=", o[E]);
 }
 
+// make_routing's scalar arguments and indices [T, K] (int64); device checks stay with the caller.
+inline void check_routing_args(const char* op, const at::Tensor& indices, int64_t E,
+                               const c10::optional<int64_t>& capacity, int64_t S) {
+  check_dim(op, "indices", indices, 2);
+  check_index_tensor(op, "indices", indices);
+  TORCH_CHECK(E >= 1, "moe_kernels::", op, ": num_experts must be >= 1, got ", E);
+  TORCH_CHECK(!capacity.has_value() || *capacity >= 1, "moe_kernels::", op,
+              ": capacity must be >= 1 (or None for dropless), got ", capacity.value_or(-1));
+  const int64_t T = indices.size(0), K = indices.size(1);
+  TORCH_CHECK(K >= 1, "moe_kernels::", op, ": indices must have at least one column (k >= 1), got shape ",
+              shape_str(indices));
+  TORCH_CHECK(S >= 1 || T == 0, "moe_kernels::", op, ": group_size must be >= 1, got ", S);
+  TORCH_CHECK(T == 0 || T % S == 0, "moe_kernels::", op, ": group_size must divide the number of tokens T=", T,
+              ", got group_size=", S);
+}
+
+// combine_weights_grad's a [T, D], b [R, D] (one dtype) and rows [T, K] (int64).
+inline void check_weights_grad_args(const char* op, const at::Tensor& a, const at::Tensor& b,
+                                    const at::Tensor& rows) {
+  check_dim(op, "a", a, 2);
+  check_dim(op, "b", b, 2);
+  check_float_tensor(op, "a", a);
+  TORCH_CHECK(a.scalar_type() == b.scalar_type(), "moe_kernels::", op, ": a and b must share a dtype, got ",
+              a.scalar_type(), " and ", b.scalar_type());
+  TORCH_CHECK(a.size(1) == b.size(1), "moe_kernels::", op, ": a and b must have the same width, got ",
+              shape_str(a), " and ", shape_str(b));
+  check_dim(op, "rows", rows, 2);
+  check_index_tensor(op, "rows", rows);
+  TORCH_CHECK(rows.size(0) == a.size(0), "moe_kernels::", op, ": rows must have ", a.size(0), " rows, got shape ",
+              shape_str(rows));
+}
+
 }  // namespace moek

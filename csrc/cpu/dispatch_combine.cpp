@@ -108,17 +108,7 @@ at::Tensor combine_cpu(const at::Tensor& y_in, const at::Tensor& rows_in, const 
 
 at::Tensor combine_weights_grad_cpu(const at::Tensor& a_in, const at::Tensor& b_in, const at::Tensor& rows_in) {
   const char* op = "combine_weights_grad";
-  check_dim(op, "a", a_in, 2);
-  check_dim(op, "b", b_in, 2);
-  check_float_tensor(op, "a", a_in);
-  TORCH_CHECK(a_in.scalar_type() == b_in.scalar_type(), "moe_kernels::", op, ": a and b must share a dtype, got ",
-              a_in.scalar_type(), " and ", b_in.scalar_type());
-  TORCH_CHECK(a_in.size(1) == b_in.size(1), "moe_kernels::", op, ": a and b must have the same width, got ",
-              shape_str(a_in), " and ", shape_str(b_in));
-  check_dim(op, "rows", rows_in, 2);
-  check_index_tensor(op, "rows", rows_in);
-  TORCH_CHECK(rows_in.size(0) == a_in.size(0), "moe_kernels::", op, ": rows must have ", a_in.size(0),
-              " rows, got shape ", shape_str(rows_in));
+  check_weights_grad_args(op, a_in, b_in, rows_in);
   const auto a = a_in.contiguous();
   const auto b = b_in.contiguous();
   const auto rows = rows_in.contiguous();

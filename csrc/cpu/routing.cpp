@@ -27,18 +27,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> make_rout
     const at::Tensor& indices_in, int64_t E, c10::optional<int64_t> capacity_opt, int64_t S,
     const c10::optional<at::Tensor>& priority_opt) {
   const char* op = "make_routing";
-  check_dim(op, "indices", indices_in, 2);
-  check_index_tensor(op, "indices", indices_in);
-  TORCH_CHECK(E >= 1, "moe_kernels::", op, ": num_experts must be >= 1, got ", E);
+  check_routing_args(op, indices_in, E, capacity_opt, S);
   const int64_t C = capacity_opt.has_value() ? *capacity_opt : -1;
-  TORCH_CHECK(!capacity_opt.has_value() || C >= 1, "moe_kernels::", op,
-              ": capacity must be >= 1 (or None for dropless), got ", C);
   const int64_t T = indices_in.size(0), K = indices_in.size(1);
-  TORCH_CHECK(K >= 1, "moe_kernels::", op, ": indices must have at least one column (k >= 1), got shape ",
-              shape_str(indices_in));
-  TORCH_CHECK(S >= 1 || T == 0, "moe_kernels::", op, ": group_size must be >= 1, got ", S);
-  TORCH_CHECK(T == 0 || T % S == 0, "moe_kernels::", op, ": group_size must divide the number of tokens T=", T,
-              ", got group_size=", S);
   const int64_t G = T == 0 ? 0 : T / S;
   const auto indices = indices_in.contiguous();
   const int64_t* idx = indices.data_ptr<int64_t>();

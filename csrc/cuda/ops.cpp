@@ -118,19 +118,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> make_rout
     const at::Tensor& indices_in, int64_t E, c10::optional<int64_t> capacity_opt, int64_t S,
     const c10::optional<at::Tensor>& priority_opt) {
   const char* op = "make_routing";
-  check_dim(op, "indices", indices_in, 2);
-  check_index_tensor(op, "indices", indices_in);
+  check_routing_args(op, indices_in, E, capacity_opt, S);
   check_cuda(op, "indices", indices_in);
-  TORCH_CHECK(E >= 1, "moe_kernels::", op, ": num_experts must be >= 1, got ", E);
   const int64_t C = capacity_opt.has_value() ? *capacity_opt : -1;
-  TORCH_CHECK(!capacity_opt.has_value() || C >= 1, "moe_kernels::", op,
-              ": capacity must be >= 1 (or None for dropless), got ", C);
   const int64_t T = indices_in.size(0), K = indices_in.size(1);
-  TORCH_CHECK(K >= 1, "moe_kernels::", op, ": indices must have at least one column (k >= 1), got shape ",
-              shape_str(indices_in));
-  TORCH_CHECK(S >= 1 || T == 0, "moe_kernels::", op, ": group_size must be >= 1, got ", S);
-  TORCH_CHECK(T == 0 || T % S == 0, "moe_kernels::", op, ": group_size must divide the number of tokens T=", T,
-              ", got group_size=", S);
   // CUB sorts with 32-bit item counts.
   TORCH_CHECK(T * K <= std::numeric_limits<int32_t>::max(), "moe_kernels::", op,
               ": the CUDA kernel handles at most 2**31-1 assignments (T*K), got T=", T, ", K=", K);
@@ -224,18 +215,8 @@ at::Tensor combine_cuda(const at::Tensor& y_in, const at::Tensor& rows_in, const
 
 at::Tensor combine_weights_grad_cuda(const at::Tensor& a_in, const at::Tensor& b_in, const at::Tensor& rows_in) {
   const char* op = "combine_weights_grad";
-  check_dim(op, "a", a_in, 2);
-  check_dim(op, "b", b_in, 2);
-  check_float_tensor(op, "a", a_in);
+  check_weights_grad_args(op, a_in, b_in, rows_in);
   check_cuda(op, "a", a_in);
-  TORCH_CHECK(a_in.scalar_type() == b_in.scalar_type(), "moe_kernels::", op, ": a and b must share a dtype, got ",
-              a_in.scalar_type(), " and ", b_in.scalar_type());
-  TORCH_CHECK(a_in.size(1) == b_in.size(1), "moe_kernels::", op, ": a and b must have the same width, got ",
-              shape_str(a_in), " and ", shape_str(b_in));
-  check_dim(op, "rows", rows_in, 2);
-  check_index_tensor(op, "rows", rows_in);
-  TORCH_CHECK(rows_in.size(0) == a_in.size(0), "moe_kernels::", op, ": rows must have ", a_in.size(0),
-              " rows, got shape ", shape_str(rows_in));
   check_same_device(op, "a", a_in, "b", b_in);
   check_same_device(op, "a", a_in, "rows", rows_in);
   const c10::DeviceGuard guard(a_in.device());
