@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from moe_kernels import distributed
-from moe_kernels.ops import Routing, combine, dispatch, grouped_mm
+from moe_kernels.ops import Routing, combine, dispatch, gelu_grouped_mm, grouped_mm
 from moe_kernels.routers import (
     ExpertChoiceRouter,
     NoisyTopKRouter,
@@ -311,8 +311,16 @@ class MoEMlp(nn.Module):
         b2 = None if self.fc2_bias is None else self.fc2_bias.to(dt)
         # Biases ride in the grouped GEMM (fused into each expert's GEMM where the backend can).
         h = grouped_mm(rows, w1, offsets, bias=b1, backend=be)  # [R, H]
+        if self._plain_gelu():
+            # GELU recomputed in the backward: one [R, H] activation less kept for it.
+            return self.drop2(gelu_grouped_mm(h, w2, offsets, bias=b2, approximate=self.act.approximate, backend=be))
         h = self.norm(self.drop1(self.act(h))).to(dt)  # [R, H]
         return self.drop2(grouped_mm(h, w2, offsets, bias=b2, backend=be))  # [R, Dout]
+
+    def _plain_gelu(self) -> bool:
+        """Whether ``norm(drop1(act(h)))`` is just ``gelu(h)``."""
+        drop_off = not self.training or self.drop1.p == 0
+        return type(self.act) is nn.GELU and drop_off and type(self.norm) is nn.Identity
 
     def _expert_parallel(self, x: Tensor, routing: Routing | None, weights: Tensor | None) -> Tensor:
         return distributed.expert_parallel(

@@ -293,3 +293,38 @@ def test_bad_calls():
         m(torch.randn(12, 8))
     with pytest.raises(ValueError, match="capacity_factor"):
         m.capacity_factor = -0.5
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("capacity_factor", [1.0, None])
+def test_gelu_recomputation_is_exact(approximate, capacity_factor, monkeypatch):
+    # With a plain GELU the layer keeps GELU's input, not its output, and recomputes gelu in the
+    # backward (gelu_grouped_mm); output and every gradient are bitwise the unfused layer's.
+    torch.manual_seed(0)
+    m = mk.MoEMlp(12, 20, num_experts=4, k=2, capacity_factor=capacity_factor, group_size=16, noise_std=0.0,
+                  act_layer=lambda: torch.nn.GELU(approximate=approximate))  # fmt: skip
+    x = torch.randn(32, 12)
+    assert m._plain_gelu()
+
+    def run():
+        xx = x.clone().requires_grad_(True)
+        y = m(xx)
+        y.backward(torch.ones_like(y))
+        grads = [xx.grad] + [p.grad.clone() for p in m.parameters()]
+        m.zero_grad()
+        return y.detach(), grads
+
+    y_fused, g_fused = run()
+    monkeypatch.setattr(mk.MoEMlp, "_plain_gelu", lambda self: False)
+    y_plain, g_plain = run()
+    assert torch.equal(y_fused, y_plain)
+    for a, b in zip(g_fused, g_plain, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_gelu_recomputation_only_for_a_plain_gelu():
+    assert not mk.MoEMlp(8, 16, num_experts=2, act_layer=torch.nn.ReLU)._plain_gelu()
+    assert not mk.MoEMlp(8, 16, num_experts=2, norm_layer=torch.nn.LayerNorm)._plain_gelu()
+    m = mk.MoEMlp(8, 16, num_experts=2, drop=0.1)
+    assert not m._plain_gelu()  # dropout between GELU and fc2 while training
+    assert m.eval()._plain_gelu()

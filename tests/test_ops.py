@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import moe_kernels as mk
 from moe_kernels import reference as ref
@@ -327,6 +328,49 @@ def test_grouped_mm_gradcheck(backend):
     assert torch.autograd.gradcheck(lambda x, w, b: mk.grouped_mm(x, w, offsets, bias=b, backend=backend), (x, w, b))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype_id", DTYPE_IDS)
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gelu_grouped_mm_equals_the_unfused_pair(backend, dtype_id, approximate):
+    # The fused op recomputes gelu(h) in its backward: the same kernels on the same operands,
+    # so the output and every gradient are bitwise those of gelu followed by grouped_mm.
+    dtype = DTYPES[dtype_id][0]
+    offsets = torch.tensor([0, 5, 5, 12])  # an empty expert and 2 padding rows
+    h = torch.randn(14, 9).to(dtype).requires_grad_(True)
+    w = (torch.randn(3, 6, 9) / 3).to(dtype).requires_grad_(True)
+    b = torch.randn(3, 6).to(dtype).requires_grad_(True)
+    y = mk.ops.gelu_grouped_mm(h, w, offsets, bias=b, approximate=approximate, backend=backend)
+    y_ref = mk.grouped_mm(F.gelu(h, approximate=approximate), w, offsets, bias=b, backend=backend)
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (h, w, b), g)
+    grads_ref = torch.autograd.grad(y_ref, (h, w, b), g)
+    assert torch.equal(y, y_ref)
+    for a, r in zip(grads, grads_ref, strict=True):
+        assert torch.equal(a, r)
+    assert (grads[0][12:] == 0).all()  # padding rows: no gradient
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gelu_grouped_mm_gradcheck_and_errors(backend):
+    if backend == "triton" and interpreting():
+        pytest.skip("gradcheck needs fp64; the Triton kernels are checked against the reference in fp32")
+    offsets = torch.tensor([0, 2, 2, 5])
+    h = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 3, 4, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
+    for approximate in ("none", "tanh"):
+        assert torch.autograd.gradcheck(
+            lambda h, w, b: mk.ops.gelu_grouped_mm(h, w, offsets, bias=b, approximate=approximate, backend=backend),
+            (h, w, b),
+        )
+    with pytest.raises(ValueError, match=r"approximate must be 'none' or 'tanh', got 'erf'"):
+        mk.ops.gelu_grouped_mm(h, w, offsets, approximate="erf", backend=backend)
+    with pytest.raises(ValueError, match=r"gelu_grouped_mm: w must have shape \[E, N, Din=4\]"):
+        mk.ops.gelu_grouped_mm(h, torch.randn(3, 3, 5, dtype=torch.float64), offsets, backend=backend)
+    with pytest.raises(TypeError, match=r"w must have the dtype of h"):
+        mk.ops.gelu_grouped_mm(h, w.float(), offsets, backend=backend)
+
+
 # ---------------------------------------------------------------- opcheck, empty, strides
 
 
@@ -353,6 +397,8 @@ def _opcheck_samples(backend):
         (ops.grouped_mm.default, (gx, gw, off, None, backend)),
         (ops.grouped_mm.default, (gx, gw, off, torch.randn(3, 4, requires_grad=True), backend)),
         (ops.grouped_mm_weight_grad.default, (gx.detach(), torch.randn(8, 4), off, backend)),
+        (ops.gelu_grouped_mm.default, (gx, gw, off, torch.randn(3, 4, requires_grad=True), "none", backend)),
+        (ops.gelu_grouped_mm.default, (gx, gw, off, None, "tanh", backend)),
     ]
 
 

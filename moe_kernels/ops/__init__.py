@@ -2,8 +2,8 @@
 implementation (for ``torch.compile``) and autograd, running the backend ``backends`` picks."""
 
 from moe_kernels.ops.dispatch_combine import combine, dispatch
-from moe_kernels.ops.grouped_mm import grouped_mm
+from moe_kernels.ops.grouped_mm import gelu_grouped_mm, grouped_mm
 from moe_kernels.ops.make_routing import Routing, compute_capacity, make_routing
 from moe_kernels.ops.topk_softmax import topk_softmax
 
-__all__ = ["Routing", "combine", "compute_capacity", "dispatch", "grouped_mm", "make_routing", "topk_softmax"]
+__all__ = ["Routing", "combine", "compute_capacity", "dispatch", "gelu_grouped_mm", "grouped_mm", "make_routing", "topk_softmax"]

@@ -82,6 +82,69 @@ def _backward(ctx, grad):
 _grouped_mm.register_autograd(_backward, setup_context=_setup)
 
 
+# ---------------------------------------------------------------- gelu, then grouped_mm
+# The second expert matmul with the GELU before it, saving GELU's input instead of its output:
+# fc2's weight gradient needs gelu(h), GELU's gradient needs h, and the unfused pair keeps both
+# ([R, H] each) from forward to backward. Here gelu(h) is recomputed in the backward (one
+# elementwise pass, about 1-3% of a training step) and freed before dX is formed.
+@torch.library.custom_op("moe_kernels::gelu_grouped_mm", mutates_args=())
+def _gelu_grouped_mm(
+    h: Tensor, w: Tensor, offsets: Tensor, bias: Tensor | None, approximate: str, backend: str
+) -> Tensor:
+    return _grouped_mm(F.gelu(h, approximate=approximate), w, offsets, bias, backend)
+
+
+@_gelu_grouped_mm.register_fake
+def _(h, w, offsets, bias, approximate, backend):
+    return h.new_empty(h.shape[0], w.shape[1])
+
+
+def _gelu_setup(ctx, inputs, output):
+    h, w, offsets, bias, approximate, backend = inputs
+    ctx.save_for_backward(h, w, offsets)
+    ctx.approximate, ctx.backend = approximate, backend
+
+
+def _gelu_backward(ctx, grad):
+    h, w, offsets = ctx.saved_tensors
+    grad = grad.contiguous()
+    gh = gw = gb = None
+    if ctx.needs_input_grad[1]:
+        gw = _grouped_mm_weight_grad(F.gelu(h, approximate=ctx.approximate), grad, offsets, ctx.backend)
+    if ctx.needs_input_grad[3]:
+        gb = _grouped_mm_weight_grad(grad.new_ones(grad.shape[0], 1), grad, offsets, ctx.backend).squeeze(2)
+    if ctx.needs_input_grad[0]:
+        ga = _grouped_mm(grad, w.transpose(1, 2), offsets, None, ctx.backend)
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            gh = torch.ops.aten.gelu_backward(ga, h, approximate=ctx.approximate)  # differentiable
+        else:
+            # ga is this function's own buffer: GELU's derivative is applied to it in place
+            # (an elementwise out= that aliases its input exactly), one [R, H] less at the peak.
+            gh = torch.ops.aten.gelu_backward.grad_input(ga, h, approximate=ctx.approximate, grad_input=ga)
+    return gh, gw, None, gb, None, None
+
+
+_gelu_grouped_mm.register_autograd(_gelu_backward, setup_context=_gelu_setup)
+
+
+def gelu_grouped_mm(
+    h: Tensor,
+    w: Tensor,
+    offsets: Tensor,
+    *,
+    bias: Tensor | None = None,
+    approximate: str = "none",
+    backend: str = "auto",
+) -> Tensor:
+    """``grouped_mm(F.gelu(h, approximate=approximate), w, offsets, bias=bias)``, keeping ``h``
+    rather than ``gelu(h)`` for the backward (the recomputation costs one GELU pass). Same
+    arguments, checks and result as the unfused pair; ``approximate`` is ``"none"`` or ``"tanh"``."""
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"gelu_grouped_mm: approximate must be 'none' or 'tanh', got {approximate!r}")
+    h, w, offsets, b = _checked_args("gelu_grouped_mm", h, w, offsets, bias, x_name="h")
+    return _gelu_grouped_mm(h, w, offsets, b, approximate, backends.requested_backend(backend))
+
+
 def grouped_mm(
     x: Tensor, w: Tensor, offsets: Tensor, *, bias: Tensor | None = None, backend: str = "auto"
 ) -> Tensor:
@@ -98,13 +161,18 @@ def grouped_mm(
     Returns:
         ``[M, N]``, dtype of ``x``.
     """
-    op = "grouped_mm"
-    check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES, op=op)
+    x, w, offsets, b = _checked_args("grouped_mm", x, w, offsets, bias)
+    return _grouped_mm(x, w, offsets, b, backends.requested_backend(backend))
+
+
+def _checked_args(op: str, x: Tensor, w: Tensor, offsets: Tensor, bias: Tensor | None, x_name: str = "x"):
+    """The checks of ``grouped_mm``'s arguments; returns them contiguous, offsets as int64."""
+    check_tensor(x_name, x, ndim=2, dtypes=FLOAT_DTYPES, op=op)
     check_tensor("w", w, ndim=3, dtypes=FLOAT_DTYPES, op=op)
     check_tensor("offsets", offsets, ndim=1, dtypes=(torch.int64, torch.int32), op=op)
     E = w.shape[0]
     if w.dtype != x.dtype:
-        raise TypeError(f"{op}: w must have the dtype of x ({x.dtype}), got {w.dtype}")
+        raise TypeError(f"{op}: w must have the dtype of {x_name} ({x.dtype}), got {w.dtype}")
     if w.shape[2] != x.shape[1]:
         raise ValueError(f"{op}: w must have shape [E, N, Din={x.shape[1]}], got {tuple(w.shape)}")
     if offsets.shape[0] != E + 1:
@@ -113,13 +181,13 @@ def grouped_mm(
         check_tensor("bias", bias, ndim=2, dtypes=(x.dtype,), op=op)
         if tuple(bias.shape) != (E, w.shape[1]):
             raise ValueError(f"{op}: bias must have shape [E, N]=[{E}, {w.shape[1]}], got {tuple(bias.shape)}")
-    check_same_device(op, x=x, w=w, offsets=offsets, bias=bias)
+    check_same_device(op, **{x_name: x}, w=w, offsets=offsets, bias=bias)
     offsets = offsets.to(torch.int64).contiguous()
     if offsets.device.type == "cpu" and not torch.compiler.is_compiling():
         # Free on the CPU; on a GPU it would be a host sync, so the kernels bound-check there.
         _check_offsets(op, offsets, x.shape[0])
     b = None if bias is None else bias.contiguous()
-    return _grouped_mm(x.contiguous(), w.contiguous(), offsets, b, backends.requested_backend(backend))
+    return x.contiguous(), w.contiguous(), offsets, b
 
 
 def _check_offsets(op: str, offsets: Tensor, M: int) -> None:
