@@ -7,20 +7,24 @@
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import platform
-import sys
-import time
+from bench import _malloc
 
-import torch
+_malloc.init()  # before torch starts its threads (see bench/_malloc.py)
 
-import moe_kernels as mk
-from bench import report
-from bench.cases import MAIN_CASES, SWEEP_CASES
-from bench.measure import device_name
-from bench.suite import run_layer_case, run_op_cases
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import platform  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+
+import moe_kernels as mk  # noqa: E402
+from bench import report  # noqa: E402
+from bench.cases import MAIN_CASES, SWEEP_CASES  # noqa: E402
+from bench.measure import device_name  # noqa: E402
+from bench.suite import run_layer_case, run_op_cases  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -43,7 +47,7 @@ def main(argv=None) -> int:
     records = []
     for dt in dtypes:
         for case in cases:
-            records += run_layer_case(case, dt, device, min_run_time=mrt)
+            records += run_layer_case(case, dt, device, min_run_time=mrt, max_warmup=2 if quick else 4)
     if not quick:
         for case in SWEEP_CASES:
             if not args.cases or case.name in args.cases:

@@ -17,7 +17,7 @@ Shape letters: T tokens, D width, H hidden, E experts, K choices, G groups of S 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -51,9 +51,13 @@ class Params:
         return Params(r(E, D, scale=D**-0.5), r(E, scale=0.1), r(E, H, D, scale=D**-0.5), r(E, H, scale=0.1),
                       r(E, D, H, scale=H**-0.5), r(E, D, scale=0.1))
 
+    def tensors(self) -> list[Tensor]:
+        """The fields themselves (``dataclasses.astuple`` would deep-copy them)."""
+        return [getattr(self, f.name) for f in dataclasses.fields(self)]
+
     def leaves(self) -> Params:
         """Fresh leaf copies that require grad (each implementation owns its own)."""
-        return Params(*(t.detach().clone().requires_grad_(True) for t in dataclasses.astuple(self)))
+        return Params(*(t.detach().clone().requires_grad_(True) for t in self.tensors()))
 
 
 def gate(case: LayerCase, x: Tensor, p: Params) -> tuple[Tensor, Tensor]:
@@ -90,6 +94,21 @@ def _mlp(h: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> Tensor:
     return F.linear(F.gelu(F.linear(h, w1, b1)), w2, b2)
 
 
+def _per_expert(p: Params) -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:
+    """Each expert's ``(w1, b1, w2, b2)`` as its own leaves, as an ``nn.ModuleList`` of experts
+    holds them. (Indexing ``p.w1[e]`` instead would make every expert's backward write a full
+    ``[E, H, D]`` zero gradient: E times the weight traffic, a cost no one would ship.)"""
+    return [
+        tuple(t[e].detach().clone().requires_grad_(True) for t in (p.w1, p.b1, p.w2, p.b2))
+        for e in range(p.w1.shape[0])
+    ]
+
+
+def params_of(fn: Callable, p: Params) -> list[Tensor]:
+    """The leaves an implementation trains: ``fn.params`` where it keeps its own, else ``p``'s."""
+    return list(getattr(fn, "params", None) or p.tensors())
+
+
 def einsum_impl(case: LayerCase, p: Params) -> Callable[[Tensor], Tensor]:
     E = case.experts
     S, C = routing_groups(case)
@@ -115,6 +134,7 @@ def einsum_impl(case: LayerCase, p: Params) -> Callable[[Tensor], Tensor]:
 def loop_impl(case: LayerCase, p: Params) -> Callable[[Tensor], Tensor]:
     E = case.experts
     S, C = routing_groups(case)
+    experts = _per_expert(p)
 
     def fn(x: Tensor) -> Tensor:
         T, D = x.shape
@@ -127,10 +147,11 @@ def loop_impl(case: LayerCase, p: Params) -> Callable[[Tensor], Tensor]:
         for e in range(E):
             sel = (flat_e == e).nonzero().squeeze(1)
             t = tok[sel]
-            o = _mlp(x[t], p.w1[e], p.b1[e], p.w2[e], p.b2[e])
+            o = _mlp(x[t], *experts[e])
             y = y.index_add(0, t, o * flat_w[sel, None].to(x.dtype))
         return y
 
+    fn.params = [p.router_w, p.router_b] + [t for ws in experts for t in ws]
     return fn
 
 
@@ -224,15 +245,17 @@ def floor_impl(case: LayerCase, p: Params, x: Tensor) -> tuple[Callable[[Tensor]
         for c in counts:
             bounds.append(bounds[-1] + c)
         buf = torch.randn(bounds[-1], case.width, dtype=x.dtype, device=x.device)
+        experts = _per_expert(p)
 
         def fn(b: Tensor) -> Tensor:
             outs = [
-                _mlp(b[lo:hi], p.w1[e], p.b1[e], p.w2[e], p.b2[e])
-                for e, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:]))
+                _mlp(b[lo:hi], *experts[e])
+                for e, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True))
                 if hi > lo
             ]
             return torch.cat(outs)
 
+        fn.params = [t for ws in experts for t in ws]
         return fn, buf
     G, C = case.groups, case.capacity
     buf = torch.randn(case.experts, G * C, case.width, dtype=x.dtype, device=x.device)

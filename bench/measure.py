@@ -1,8 +1,18 @@
-"""Timing and peak memory of one callable: median and interquartile range over repeats.
+"""Timing and peak memory: median and interquartile range over repeats after warm-up.
 
-CPU: ``torch.utils.benchmark.Timer.blocked_autorange`` (all of torch's threads), peak resident
-memory from ``/proc/self/status`` (VmHWM, reset through ``/proc/self/clear_refs``) above the
-resident size before the call. CUDA: ``triton.testing.do_bench`` quantiles and
+CPU (see ``bench._malloc`` for the allocator settings):
+
+- a training step, ``out = fn(x); out.backward(grad)``, is timed with ``time.perf_counter``
+  around the forward and around the backward, so ``fwd``, ``bwd`` and ``fwd_bwd`` all come from
+  the same steps (``torch.utils.benchmark.Timer`` times one statement and cannot split it);
+  gradients are set to ``None`` between steps, as ``optimizer.zero_grad()`` does. Warm-up runs
+  until a step faults no new pages (at most ``max_warmup`` steps).
+- single ops: ``torch.utils.benchmark.Timer.blocked_autorange``.
+- peak memory: the resident high-water mark (``VmHWM``, reset through ``/proc/self/clear_refs``)
+  above the resident size before the forward (``fwd``, ``fwd_bwd``) or before the backward
+  (``bwd``), under ``bench._malloc.exact()``.
+
+CUDA: ``triton.testing.do_bench`` quantiles per mode (``bwd`` with a retained graph) and
 ``torch.cuda.max_memory_allocated`` above the allocation before the call.
 """
 
@@ -10,32 +20,19 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import math
 import os
+import resource
 import statistics
-from typing import Callable
+import time
+from collections.abc import Callable
 
 import torch
 import torch.utils.benchmark as tb
 
+from bench import _malloc
 
-def _fix_malloc_threshold() -> None:
-    """Pin glibc's mmap threshold at 128 KiB so large tensors are mapped and unmapped on free.
-
-    By default the threshold grows after each free of a large block, and freed memory then stays
-    resident for reuse: the resident peak would miss allocations that reuse it. Pinned, every
-    tensor of 128 KiB or more shows up in (and leaves) the resident size.
-    """
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        M_MMAP_THRESHOLD = -3
-        libc.mallopt(M_MMAP_THRESHOLD, 128 * 1024)
-    except OSError:
-        pass
-
-
-_fix_malloc_threshold()
+MODES = ("fwd", "bwd", "fwd_bwd")
 
 
 @dataclasses.dataclass
@@ -43,6 +40,15 @@ class Timing:
     median_ms: float
     iqr_ms: float
     runs: int
+
+    @staticmethod
+    def of(times_ms: list[float]) -> Timing:
+        if len(times_ms) >= 4:
+            q = statistics.quantiles(times_ms, n=4)
+            iqr = q[2] - q[0]
+        else:
+            iqr = max(times_ms) - min(times_ms)
+        return Timing(statistics.median(times_ms), iqr, len(times_ms))
 
 
 def _proc_kb(field: str) -> int | None:
@@ -65,6 +71,10 @@ def _reset_peak_rss() -> bool:
         return False
 
 
+def _minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float | None:
     """Peak memory one call of ``fn`` adds above what was in use before it (MB)."""
     gc.collect()
@@ -75,19 +85,23 @@ def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float | No
         fn()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
-    if not _reset_peak_rss():
-        return None
-    base = _proc_kb("VmRSS")
-    out = fn()
-    peak = _proc_kb("VmHWM")
-    del out
+    _malloc.exact()
+    try:
+        if not _reset_peak_rss():
+            return None
+        base = _proc_kb("VmRSS")
+        out = fn()
+        peak = _proc_kb("VmHWM")
+        del out
+    finally:
+        _malloc.steady()
     if base is None or peak is None:
         return None
     return max(peak - base, 0) / 1024
 
 
 def time_fn(fn: Callable[[], object], device: torch.device, min_run_time: float) -> Timing:
-    """Median and IQR of ``fn``'s run time after warm-up."""
+    """Median and IQR of ``fn``'s run time after warm-up (one op, forward only)."""
     if device.type == "cuda":
         import triton.testing
 
@@ -96,13 +110,124 @@ def time_fn(fn: Callable[[], object], device: torch.device, min_run_time: float)
     fn()  # warm-up (allocator, lazy inits)
     timer = tb.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
     m = timer.blocked_autorange(min_run_time=min_run_time)
-    times = [t * 1e3 for t in m.times]
-    if len(times) >= 4:
-        q = statistics.quantiles(times, n=4)
-        iqr = q[2] - q[0]
-    else:
-        iqr = max(times) - min(times)
-    return Timing(statistics.median(times), iqr, len(times))
+    return Timing.of([t * 1e3 for t in m.times])
+
+
+@dataclasses.dataclass
+class Step:
+    """One implementation's training step: ``fn(inp).backward(grad)``, then ``params``' (and
+    ``inp``'s) gradients set to ``None``."""
+
+    fn: Callable[[torch.Tensor], torch.Tensor]
+    inp: torch.Tensor
+    grad: torch.Tensor
+    params: list[torch.Tensor]
+
+    def clear(self) -> None:
+        for t in (*self.params, self.inp):
+            t.grad = None
+
+    def __call__(self) -> tuple[float, float]:
+        """Runs one step; returns (forward ms, backward ms)."""
+        t0 = time.perf_counter()
+        out = self.fn(self.inp)
+        t1 = time.perf_counter()
+        out.backward(self.grad)
+        t2 = time.perf_counter()
+        del out
+        self.clear()
+        return (t1 - t0) * 1e3, (t2 - t1) * 1e3
+
+
+def train_step_modes(
+    steps: list[Step],
+    device: torch.device,
+    *,
+    min_run_time: float,
+    min_runs: int = 5,
+    max_runs: int = 50,
+    max_warmup: int = 4,
+    modes: tuple[str, ...] = MODES,
+) -> list[dict[str, tuple[Timing, float | None]]]:
+    """``{mode: (timing, peak_mb)}`` for each step, in order.
+
+    CPU: the steps run interleaved, round by round (each round starting one step later), so a
+    slow spell of the machine lands on every implementation alike and the ratios between them
+    hold even where the absolute times wander. ``max(min_runs, len(steps) * min_run_time /
+    round)`` rounds, at most ``max_runs``.
+    """
+    if device.type == "cuda":
+        return [_cuda_modes(s, min_run_time, modes) for s in steps]
+    _malloc.steady()
+    round_ms = 0.0
+    for s in steps:
+        s.clear()
+        for _ in range(max(max_warmup, 1)):
+            f0 = _minor_faults()
+            ms = sum(s())
+            if _minor_faults() == f0:
+                break
+        round_ms += ms
+    runs = min(max(min_runs, math.ceil(len(steps) * min_run_time * 1e3 / max(round_ms, 1e-3))), max_runs)
+    fwd = [[] for _ in steps]
+    bwd = [[] for _ in steps]
+    for r in range(runs):
+        for j in range(len(steps)):
+            i = (r + j) % len(steps)
+            a, b = steps[i]()
+            fwd[i].append(a)
+            bwd[i].append(b)
+    out = []
+    for i, s in enumerate(steps):
+        times = {"fwd": fwd[i], "bwd": bwd[i], "fwd_bwd": [a + b for a, b in zip(fwd[i], bwd[i], strict=True)]}
+        peaks = _cpu_step_peaks(s)
+        out.append({m: (Timing.of(times[m]), peaks[m]) for m in modes})
+    return out
+
+
+def _cpu_step_peaks(s: Step) -> dict[str, float | None]:
+    """Resident high-water marks of one step: above the forward's start, and the backward's."""
+    fn, inp, grad, clear = s.fn, s.inp, s.grad, s.clear
+    gc.collect()
+    _malloc.exact()
+    try:
+        if not _reset_peak_rss():
+            return dict.fromkeys(MODES)
+        base = _proc_kb("VmRSS")
+        out = fn(inp)
+        hwm_fwd = _proc_kb("VmHWM")
+        _reset_peak_rss()
+        mid = _proc_kb("VmRSS")
+        out.backward(grad)
+        hwm_bwd = _proc_kb("VmHWM")
+        del out
+        clear()
+    finally:
+        _malloc.steady()
+    if None in (base, hwm_fwd, mid, hwm_bwd):
+        return dict.fromkeys(MODES)
+    mb = lambda kb: max(kb, 0) / 1024  # noqa: E731
+    return {"fwd": mb(hwm_fwd - base), "bwd": mb(hwm_bwd - mid), "fwd_bwd": mb(max(hwm_fwd, hwm_bwd) - base)}
+
+
+def _cuda_modes(s: Step, min_run_time, modes):
+    fn, inp, grad, clear = s.fn, s.inp, s.grad, s.clear
+    res = {}
+    for mode in modes:
+        if mode == "fwd":
+            run = lambda: fn(inp)  # noqa: E731  (autograd records, as in training)
+        elif mode == "bwd":
+            out = fn(inp)
+            run = lambda out=out: out.backward(grad, retain_graph=True)  # noqa: E731
+        else:
+
+            def run():
+                fn(inp).backward(grad)
+                clear()
+
+        res[mode] = (time_fn(run, inp.device, min_run_time), peak_memory_mb(run, inp.device))
+        clear()
+    return res
 
 
 def device_name(device: torch.device) -> str:

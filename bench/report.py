@@ -28,9 +28,8 @@ def layer_table(records: list[dict]) -> str:
             sp = f"{r['median_ms'] / ours['median_ms']:.2f}x" if ours and impl not in ("moe_kernels", "floor") else ""
             mem = "-" if r["peak_mem_mb"] is None else _fmt(r["peak_mem_mb"])
             name = f"**{impl}**" if impl == "moe_kernels" else impl
-            lines.append(
-                f"| {case} | {dtype} | {mode} | {name} | {_fmt(r['median_ms'])} | {_fmt(r['iqr_ms'])} | {mem} | {xf} | {sp} |"
-            )
+            t, iqr = _fmt(r["median_ms"]), _fmt(r["iqr_ms"])
+            lines.append(f"| {case} | {dtype} | {mode} | {name} | {t} | {iqr} | {mem} | {xf} | {sp} |")
     return "\n".join(lines)
 
 

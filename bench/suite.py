@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 
 import moe_kernels as mk
 from bench import baselines as bl
 from bench.cases import LayerCase
-from bench.measure import peak_memory_mb, time_fn
+from bench.measure import MODES, Step, time_fn, train_step_modes
 
-MODES = ("fwd", "bwd", "fwd_bwd")
 DTYPE_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -29,25 +26,6 @@ def _record(case: str, impl: str, mode: str, dtype: str, timing, peak, **extra) 
     )
 
 
-def _modes(fn: Callable, inp: torch.Tensor, modes, device, min_run_time):
-    """Yields (mode, timing, peak) for a differentiable ``fn(inp)``."""
-    out = fn(inp)
-    grad = torch.randn_like(out)
-    del out
-    for mode in modes:
-        if mode == "fwd":
-            run = lambda: fn(inp)  # noqa: E731  (autograd records, as in training)
-            yield mode, time_fn(run, device, min_run_time), peak_memory_mb(run, device)
-        elif mode == "bwd":
-            out = fn(inp)
-            run = lambda: out.backward(grad, retain_graph=True)  # noqa: E731
-            yield mode, time_fn(run, device, min_run_time), peak_memory_mb(run, device)
-            del out
-        else:
-            run = lambda: fn(inp).backward(grad)  # noqa: E731
-            yield mode, time_fn(run, device, min_run_time), peak_memory_mb(run, device)
-
-
 def run_layer_case(
     case: LayerCase,
     dtype_name: str,
@@ -56,8 +34,11 @@ def run_layer_case(
     impls=bl.IMPLS,
     modes=MODES,
     min_run_time: float = 0.5,
+    min_runs: int = 5,
+    max_warmup: int = 4,
     log=print,
 ) -> list[dict]:
+    """Every impl of ``case``: outputs checked against the layer's, then timed interleaved."""
     dtype = DTYPE_NAMES[dtype_name]
     p = bl.Params.make(case, dtype, device)
     x = torch.randn(case.tokens, case.width, generator=torch.Generator().manual_seed(1)).to(device, dtype)
@@ -66,35 +47,51 @@ def run_layer_case(
         y_ours = ours(x).float()
     backend = mk.backends.choose("grouped_mm", mk.backends.requested_backend(None), x.device)[0]
     tol = 1e-3 if dtype == torch.float32 else 6e-2
-    records = []
+    names, steps, extras = [], [], []
     for impl in impls:
         extra = {}
         if impl == "moe_kernels":
-            fn, inp = ours, x.clone().requires_grad_(True)
+            fn, inp, params = ours, x.clone().requires_grad_(True), list(mods.parameters())
             extra["backend"] = backend
         elif impl == "floor":
-            fn, buf = bl.floor_impl(case, p.leaves(), x)
-            inp = buf.requires_grad_(True)
+            leaves = p.leaves()
+            fn, buf = bl.floor_impl(case, leaves, x)
+            inp, params = buf.requires_grad_(True), bl.params_of(fn, leaves)
         else:
             if impl == "grouped_mm":
                 why = bl.grouped_mm_unsupported(dtype, device)
                 if why:
                     log(f"  skip {case.name}/{impl}/{dtype_name}: {why}")
                     continue
-            fn, inp = bl.BUILDERS[impl](case, p.leaves()), x.clone().requires_grad_(True)
+            leaves = p.leaves()
+            fn, inp = bl.BUILDERS[impl](case, leaves), x.clone().requires_grad_(True)
+            params = bl.params_of(fn, leaves)
             with torch.no_grad():
                 diff = (fn(x).float() - y_ours).abs().max().item()
             scale = y_ours.abs().max().item() or 1.0
             extra["max_abs_diff"] = diff
             if diff > tol * max(scale, 1.0):
                 raise AssertionError(f"{case.name}: {impl} differs from moe_kernels by {diff:.3g} (scale {scale:.3g})")
-        for mode, timing, peak in _modes(fn, inp, modes, device, min_run_time):
+        shape = (case.tokens, case.width) if impl != "floor" else _out_shape(fn, inp)
+        grad = torch.randn(shape, generator=torch.Generator().manual_seed(3)).to(device, dtype)
+        names.append(impl)
+        steps.append(Step(fn, inp, grad, params))
+        extras.append(extra)
+    results = train_step_modes(steps, device, min_run_time=min_run_time, min_runs=min_runs, max_warmup=max_warmup,
+                               modes=modes)
+    records = []
+    for impl, res, extra in zip(names, results, extras, strict=True):
+        for mode, (timing, peak) in res.items():
             rec = _record(case.name, impl, mode, dtype_name, timing, peak, **extra)
             records.append(rec)
             log(f"  {case.name:<16} {impl:<12} {mode:<8} {dtype_name:<5} {timing.median_ms:10.3f} ms"
                 f" ± {timing.iqr_ms:.3f}  peak {rec['peak_mem_mb']} MB")
-        del fn, inp
     return records
+
+
+def _out_shape(fn, inp) -> torch.Size:
+    with torch.no_grad():
+        return fn(inp).shape
 
 
 def run_op_cases(case: LayerCase, dtype_name: str, device: torch.device, *, min_run_time: float, log=print):
@@ -121,7 +118,7 @@ def run_op_cases(case: LayerCase, dtype_name: str, device: torch.device, *, min_
     records = []
     for op, call in ops.items():
         for impl, be in (("moe_kernels", "auto"), ("reference", "torch")):
-            timing = time_fn(lambda: call(be), device, min_run_time)
+            timing = time_fn(lambda call=call, be=be: call(be), device, min_run_time)
             records.append(_record(f"{case.name}:{op}", impl, "fwd", dtype_name, timing, None))
             log(f"  {case.name + ':' + op:<26} {impl:<12} {timing.median_ms:10.4f} ms ± {timing.iqr_ms:.4f}")
     return records
