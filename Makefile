@@ -35,12 +35,14 @@ test: build
 # MOE_KERNELS_LIBRARY), then the op tests under them. Python itself leaks by design: leak
 # detection off; every other ASan/UBSan report aborts the run.
 ASAN_LIB := build/asan-lib
+ASAN_ENV = LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libstdc++.so)" \
+	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	MOE_KERNELS_LIBRARY="$$(ls $(ASAN_LIB)/moe_kernels/_C*.so)" MOE_KERNELS_BACKEND=cpu
+# (libstdc++ is preloaded with the runtime: ASan's __cxa_throw interceptor needs it at start-up.)
 test-asan: $(STAMP)
 	MOE_KERNELS_SANITIZE=1 MOE_KERNELS_BUILD_CUDA=0 $(PY) setup.py -q build_ext --build-temp build/asan-temp --build-lib $(ASAN_LIB)
-	LD_PRELOAD="$$(gcc -print-file-name=libasan.so)" ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
-	UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
-	MOE_KERNELS_LIBRARY="$$(ls $(ASAN_LIB)/moe_kernels/_C*.so)" MOE_KERNELS_BACKEND=cpu \
-	$(PY) -m pytest -q -p no:cacheprovider tests/test_ops.py tests/test_hardening.py -k "not leak"
+	$(ASAN_ENV) $(PY) -c "import moe_kernels._ext as e; i = e.build_info(); print('_C:', e.LIBRARY, i); assert 'asan' in i, e.LOAD_ERROR"
+	$(ASAN_ENV) $(PY) -m pytest -q -p no:cacheprovider tests/test_ops.py tests/test_hardening.py tests/test_layers.py -k "not leak"
 
 bench: build
 	$(PY) -m bench
