@@ -8,9 +8,11 @@ CPU (see ``bench._malloc`` for the allocator settings):
   gradients are set to ``None`` between steps, as ``optimizer.zero_grad()`` does. Warm-up runs
   until a step faults no new pages (at most ``max_warmup`` steps).
 - single ops: ``torch.utils.benchmark.Timer.blocked_autorange``.
-- peak memory: the resident high-water mark (``VmHWM``, reset through ``/proc/self/clear_refs``)
-  above the resident size before the forward (``fwd``, ``fwd_bwd``) or before the backward
-  (``bwd``), under ``bench._malloc.exact()``.
+- peak memory: the most tensor memory live at once, above what was live before the forward
+  (``fwd``, ``fwd_bwd``) or before the backward (``bwd``), from the allocation and free events
+  ``torch.profiler`` records (``profile_memory=True``) for one step. Every tensor counts, ATen's
+  and the C++ kernels' alike, and nothing else does: the resident size of the process would
+  also count what glibc keeps for reuse, which depends on the steps before.
 
 CUDA: ``triton.testing.do_bench`` quantiles per mode (``bwd`` with a retained graph) and
 ``torch.cuda.max_memory_allocated`` above the allocation before the call.
@@ -18,12 +20,15 @@ CUDA: ``triton.testing.do_bench`` quantiles per mode (``bwd`` with a retained gr
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import gc
 import math
 import os
 import resource
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
@@ -51,24 +56,40 @@ class Timing:
         return Timing(statistics.median(times_ms), iqr, len(times_ms))
 
 
-def _proc_kb(field: str) -> int | None:
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silences file descriptor 2 (kineto logs every profiler start and stop there)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
     try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
+def _profiled(fn: Callable[[], object]) -> tuple[object, float, float]:
+    """Runs ``fn`` under the memory profiler: ``(result, peak MB, net MB)`` of CPU tensor memory
+    allocated minus freed during the call (frees of older tensors count, negatively)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+    events = sorted(
+        (e.start_ns(), e.nbytes())
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]" and e.device_type() == DeviceType.CPU
+    )
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return out, peak / 2**20, live / 2**20
 
 
 def _minor_faults() -> int:
@@ -85,19 +106,9 @@ def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float | No
         fn()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
-    _malloc.exact()
-    try:
-        if not _reset_peak_rss():
-            return None
-        base = _proc_kb("VmRSS")
-        out = fn()
-        peak = _proc_kb("VmHWM")
-        del out
-    finally:
-        _malloc.steady()
-    if base is None or peak is None:
-        return None
-    return max(peak - base, 0) / 1024
+    out, peak, _ = _profiled(fn)
+    del out
+    return peak
 
 
 def time_fn(fn: Callable[[], object], device: torch.device, min_run_time: float) -> Timing:
@@ -186,28 +197,13 @@ def train_step_modes(
 
 
 def _cpu_step_peaks(s: Step) -> dict[str, float | None]:
-    """Resident high-water marks of one step: above the forward's start, and the backward's."""
-    fn, inp, grad, clear = s.fn, s.inp, s.grad, s.clear
+    """Peak tensor memory of one step: above the forward's start, and above the backward's."""
     gc.collect()
-    _malloc.exact()
-    try:
-        if not _reset_peak_rss():
-            return dict.fromkeys(MODES)
-        base = _proc_kb("VmRSS")
-        out = fn(inp)
-        hwm_fwd = _proc_kb("VmHWM")
-        _reset_peak_rss()
-        mid = _proc_kb("VmRSS")
-        out.backward(grad)
-        hwm_bwd = _proc_kb("VmHWM")
-        del out
-        clear()
-    finally:
-        _malloc.steady()
-    if None in (base, hwm_fwd, mid, hwm_bwd):
-        return dict.fromkeys(MODES)
-    mb = lambda kb: max(kb, 0) / 1024  # noqa: E731
-    return {"fwd": mb(hwm_fwd - base), "bwd": mb(hwm_bwd - mid), "fwd_bwd": mb(max(hwm_fwd, hwm_bwd) - base)}
+    out, fwd_peak, fwd_net = _profiled(lambda: s.fn(s.inp))
+    _, bwd_peak, _ = _profiled(functools.partial(torch.Tensor.backward, out, s.grad))
+    del out
+    s.clear()
+    return {"fwd": fwd_peak, "bwd": bwd_peak, "fwd_bwd": max(fwd_peak, fwd_net + bwd_peak)}
 
 
 def _cuda_modes(s: Step, min_run_time, modes):

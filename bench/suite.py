@@ -67,11 +67,20 @@ def run_layer_case(
             fn, inp = bl.BUILDERS[impl](case, leaves), x.clone().requires_grad_(True)
             params = bl.params_of(fn, leaves)
             with torch.no_grad():
-                diff = (fn(x).float() - y_ours).abs().max().item()
-            scale = y_ours.abs().max().item() or 1.0
-            extra["max_abs_diff"] = diff
-            if diff > tol * max(scale, 1.0):
-                raise AssertionError(f"{case.name}: {impl} differs from moe_kernels by {diff:.3g} (scale {scale:.3g})")
+                row_diff = (fn(x).float() - y_ours).abs().amax(-1)  # [T]
+            scale = max(y_ours.abs().max().item(), 1.0)
+            bad = int((row_diff > tol * scale).sum())
+            extra["max_abs_diff"] = row_diff.max().item()
+            extra["rows_differing"] = bad
+            # fp32: every token agrees. Low precision: the router's logits round differently in
+            # each implementation's matmul, so a near-tie can send a token (and, through the
+            # capacity order, a few behind it) elsewhere; at most 3% of the tokens may differ.
+            allowed = 0 if dtype == torch.float32 else case.tokens * 3 // 100
+            if bad > allowed:
+                raise AssertionError(
+                    f"{case.name}/{dtype_name}: {impl} differs from moe_kernels on {bad} of {case.tokens} tokens"
+                    f" (max {row_diff.max().item():.3g}, scale {scale:.3g}; {allowed} allowed)"
+                )
         shape = (case.tokens, case.width) if impl != "floor" else _out_shape(fn, inp)
         grad = torch.randn(shape, generator=torch.Generator().manual_seed(3)).to(device, dtype)
         names.append(impl)

@@ -122,25 +122,6 @@ class _Permute(torch.autograd.Function):
         return _Permute.apply(grad, inverse, index), None, None
 
 
-def _packed(routing: Routing) -> Routing:
-    """The same plan with only the kept assignments, packed ``[N, D]`` and sorted by expert.
-
-    A dropless plan already is one. A padded plan ``[E, G*C, D]`` keeps the order of its rows
-    (expert-major, then group, then position) and drops the empty slots, so the rows for rank j
-    are ``offsets[j*E/W] : offsets[(j+1)*E/W]`` and nothing but real tokens is sent.
-    """
-    if routing.capacity is None:
-        return routing
-    held = routing.row_src >= 0  # [R]
-    packed_row = torch.cumsum(held, 0) - 1  # [R] row in the packed buffer of each held row
-    rows = torch.where(routing.rows >= 0, packed_row[routing.rows.clamp(min=0)], -1)  # [T, K]
-    row_src = routing.row_src[held]  # [N] (boolean indexing syncs; the counts exchange does anyway)
-    offsets = torch.cat([routing.counts.new_zeros(1), torch.cumsum(routing.counts, 0)])  # [E+1]
-    slot = torch.where(rows >= 0, rows - offsets[routing.indices], -1)  # [T, K]
-    T = routing.num_tokens
-    return Routing(routing.indices, slot, rows, row_src, routing.counts, offsets, routing.num_experts, None, 1, T)
-
-
 @dataclasses.dataclass
 class _ExchangePlan:
     """Who sends how many rows to whom, and the order of the received rows.
@@ -222,7 +203,9 @@ def expert_parallel(
     if routing is None:
         counts = torch.zeros(num_experts, dtype=torch.int64, device=x.device)
     else:
-        routing = _packed(routing)
+        # Only the kept assignments, sorted by expert: the rows for rank j are
+        # offsets[j*E/W] : offsets[(j+1)*E/W], and nothing but real tokens is sent.
+        routing = routing.packed()
         counts = routing.counts
     plan = _exchange_plan(counts, W, process_group)
     if routing is None:

@@ -287,7 +287,11 @@ class MoEMlp(nn.Module):
         """
         if self.process_group is not None:
             return self._expert_parallel(x, routing, weights)
-        buf = dispatch(x.to(self._compute_dtype(x)), routing, backend=self.backend)  # [E, G*C, D] or [T*K, D]
+        if routing.capacity is not None and x.device.type == "cpu" and not torch.compiler.is_compiling():
+            # Eager on the CPU a data-dependent size costs nothing: the expert GEMMs skip the
+            # empty slots of the capacity buffer (5-10% of its rows at c=1.05).
+            routing = routing.packed()
+        buf = dispatch(x.to(self._compute_dtype(x)), routing, backend=self.backend)  # [E, G*C, D] or [N, D]
         y = self._expert_mlp(buf.reshape(routing.num_rows, self.in_features), routing.offsets)  # [R, Dout]
         # Empty rows of a padded buffer now hold act(b1) @ W2.T + b2, not zeros; combine reads
         # only the rows of kept assignments, so they never reach the output (nor any gradient).

@@ -279,6 +279,26 @@ def test_dispatch_combine_gradcheck(backend, capacity):
     assert torch.autograd.gradgradcheck(lambda y, w: mk.combine(y, r, w, backend=backend), (y, w))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("plan", PLANS, ids=str)
+def test_packed_plan_is_the_padded_one_without_empty_slots(backend, plan):
+    r = _plan(*plan)
+    p = r.packed()
+    x = torch.randn(r.num_tokens, 6)
+    w = torch.rand(r.num_tokens, r.k)
+    buf = mk.dispatch(x, r, backend=backend).reshape(r.num_rows, 6)
+    held = r.row_src >= 0
+    assert p.num_rows == int(held.sum()) and p.capacity is None
+    assert torch.equal(p.offsets, torch.cat([torch.zeros(1, dtype=torch.int64), r.counts.cumsum(0)]))
+    assert torch.equal(p.row_src, r.row_src[held])
+    assert torch.equal(p.rows >= 0, r.rows >= 0)  # the same assignments kept
+    pbuf = mk.dispatch(x, p, backend=backend)
+    assert torch.equal(pbuf, buf[held])  # the padded buffer's rows, empty slots squeezed out
+    y = torch.randn(r.num_rows, 6)
+    assert_close(mk.combine(y[held], p, w, backend=backend), mk.combine(y, r, w, backend=backend), "f32")
+    assert p.packed() is p and (p is r) == (r.capacity is None)
+
+
 # ---------------------------------------------------------------- grouped_mm
 
 

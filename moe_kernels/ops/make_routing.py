@@ -109,6 +109,27 @@ class Routing:
     def num_rows(self) -> int:
         return self.row_src.shape[0]
 
+    def packed(self) -> Routing:
+        """The same assignments without the empty slots of a capacity buffer: ``[N, D]`` rows,
+        N the kept assignments, in the padded buffer's order (expert, then group, then
+        position), ``offsets`` from ``counts``. Returned as a dropless-shaped plan (``capacity``
+        None, one group); a dropless plan is returned as is.
+
+        Its size depends on the data: boolean indexing syncs with a GPU and makes shapes
+        dynamic under ``torch.compile``. ``MoEMlp`` uses it on the CPU, in eager mode, so its
+        expert GEMMs skip the empty slots.
+        """
+        if self.capacity is None:
+            return self
+        held = self.row_src >= 0  # [R]
+        packed_row = torch.cumsum(held, 0) - 1  # [R] row in the packed buffer of each held row
+        rows = torch.where(self.rows >= 0, packed_row[self.rows.clamp(min=0)], -1)  # [T, K]
+        row_src = self.row_src[held]  # [N]
+        offsets = torch.cat([self.counts.new_zeros(1), torch.cumsum(self.counts, 0)])  # [E+1]
+        slot = torch.where(rows >= 0, rows - offsets[self.indices], -1)  # [T, K]
+        return Routing(self.indices, slot, rows, row_src, self.counts, offsets, self.num_experts, None, 1,
+                       self.num_tokens)  # fmt: skip
+
     def buffer_shape(self, width: int) -> tuple[int, ...]:
         """``(E, G*C, width)`` with a capacity, ``(T*K, width)`` when dropless."""
         if self.capacity is None:
