@@ -18,9 +18,29 @@ Routing plan (what ``make_routing`` returns and the other ops consume):
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """ATen/BLAS on one thread for the matmuls below. A threaded GEMM may pick its blocking, and
+    so the order of a reduction, by the thread count (seen on the router's weight gradient);
+    on one thread the oracle too is bitwise the same for any ``torch.set_num_threads``. It is
+    the reference: the ``cpu`` backend is the fast path."""
+    n = torch.get_num_threads()
+    if n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
     """Accumulation dtype: fp32, or fp64 for fp64 inputs (so gradcheck can run in fp64)."""
@@ -161,11 +181,12 @@ def grouped_mm(x: Tensor, w: Tensor, offsets: Tensor, bias: Tensor | None = None
     """out[m] = x[m] @ w[e].T (+ bias[e]) for offsets[e] <= m < offsets[e+1]; rows past offsets[E] are 0."""
     out = torch.zeros(x.shape[0], w.shape[1], dtype=_acc(x.dtype), device=x.device)  # [M, N]
     bounds = offsets.tolist()  # the oracle may sync; the fast backends never do
-    for e in range(w.shape[0]):
-        lo, hi = bounds[e], bounds[e + 1]
-        out[lo:hi] = _up(x[lo:hi]) @ _up(w[e]).T  # [m_e, N]
-        if bias is not None:
-            out[lo:hi] += _up(bias[e])  # [m_e, N]
+    with _one_thread():
+        for e in range(w.shape[0]):
+            lo, hi = bounds[e], bounds[e + 1]
+            out[lo:hi] = _up(x[lo:hi]) @ _up(w[e]).T  # [m_e, N]
+            if bias is not None:
+                out[lo:hi] += _up(bias[e])  # [m_e, N]
     return out.to(x.dtype)
 
 
@@ -174,7 +195,8 @@ def grouped_mm_weight_grad(x: Tensor, grad_out: Tensor, offsets: Tensor) -> Tens
     E = offsets.shape[0] - 1
     dw = torch.zeros(E, grad_out.shape[1], x.shape[1], dtype=_acc(x.dtype), device=x.device)  # [E, N, Din]
     bounds = offsets.tolist()
-    for e in range(E):
-        lo, hi = bounds[e], bounds[e + 1]
-        dw[e] = _up(grad_out[lo:hi]).T @ _up(x[lo:hi])  # [N, Din]
+    with _one_thread():
+        for e in range(E):
+            lo, hi = bounds[e], bounds[e + 1]
+            dw[e] = _up(grad_out[lo:hi]).T @ _up(x[lo:hi])  # [N, Din]
     return dw.to(x.dtype)

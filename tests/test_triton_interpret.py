@@ -43,14 +43,14 @@ DTYPES = {
 dtypes = pytest.mark.parametrize("dt", list(DTYPES), ids=list(DTYPES))
 
 
-def _run_child(paths: list[str]) -> None:
+def _run_child(paths: list[str], *args: str) -> None:
     """pytest ``paths`` in a child process with the interpreter and the triton backend."""
     if INTERPRET:
         pytest.skip("this process is the interpreter child; the cases run here")
     pytest.importorskip("triton", reason="triton is not installed")
     env = dict(os.environ, TRITON_INTERPRET="1", MOE_KERNELS_BACKEND="triton")
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *paths]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args, *paths]
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     took = time.perf_counter() - start
@@ -70,6 +70,12 @@ def test_op_suite_through_triton():
     if not os.path.exists(ops):
         pytest.skip("tests/test_ops.py is not there")
     _run_child([ops])
+
+
+def test_hardening_suite_through_triton():
+    """The property and determinism tests on the triton backend, interpreted (~20 s; the leak
+    test's 10,000 steps are for the compiled backends)."""
+    _run_child([os.path.join(ROOT, "tests", "test_hardening.py")], "-k", "not leak")
 
 
 def _close(actual: torch.Tensor, expected: torch.Tensor, dt: str) -> None:
