@@ -41,13 +41,14 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     quick = args.quick
     mrt = args.min_run_time or (0.3 if quick else 1.0)
+    runs = 5 if quick else 10  # steps per impl at least: this VM's step times wander by +-20%
     dtypes = args.dtypes or (["fp32"] if quick else ["fp32", "bf16"])
     cases = [c for c in MAIN_CASES if not args.cases or c.name in args.cases]
     t0 = time.time()
     print(f"# moe_kernels benchmark on {device_name(device)}", flush=True)
     records, notes = [], []
     for dt in dtypes:
-        dt_cases, kw = cases, dict(min_run_time=mrt, max_warmup=2 if quick else 4)
+        dt_cases, kw = cases, dict(min_run_time=mrt, min_runs=runs, max_warmup=2 if quick else 4)
         why = _emulated_bf16(device) if dt == "bf16" else None
         if why and not args.dtypes and not args.cases:
             # Emulated bf16 runs a V-MoE-B/16 step in minutes: the smallest case stands for it.
@@ -61,7 +62,7 @@ def main(argv=None) -> int:
             if not args.cases or case.name in args.cases:
                 records += run_layer_case(case, "fp32", device, impls=("moe_kernels", "floor", "padded_bmm",
                                                                         "grouped_mm"), modes=("fwd_bwd",),
-                                          min_run_time=mrt)
+                                          min_run_time=mrt, min_runs=runs)
         for case in cases:
             records += run_op_cases(case, "fp32", device, min_run_time=min(mrt, 0.5))
         if device.type == "cpu" and not args.cases:
