@@ -17,8 +17,8 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+from collections.abc import Callable
 from types import ModuleType
-from typing import Callable
 
 import torch
 
@@ -57,7 +57,7 @@ def requested_backend(backend: str | None = None) -> str:
     return name
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _module(backend: str) -> ModuleType | str:
     """The backend's implementation module, or the reason it cannot be imported."""
     try:
@@ -108,7 +108,7 @@ def _auto_order(op: str, device: torch.device) -> tuple[str, ...]:
     return ("cpu", "torch")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _choose(op: str, backend: str, device: torch.device) -> tuple[str, Callable]:
     if backend == "auto":
         for name in _auto_order(op, device):

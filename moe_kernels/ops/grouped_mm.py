@@ -16,7 +16,7 @@ from moe_kernels import backends
 from moe_kernels.ops._common import FLOAT_DTYPES, check_same_device, check_tensor
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _fuses_bias(impl) -> bool:
     return "bias" in inspect.signature(impl).parameters
 
