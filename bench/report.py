@@ -82,11 +82,13 @@ def plot(records: list[dict], path: str, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     rows = [r for r in records if ":" not in r["case"] and r["mode"] == "fwd_bwd"]
+    floor = {(r["case"], r["dtype"]): r["median_ms"] for r in rows if r["impl"] == "floor"}
+    rows = [r for r in rows if (r["case"], r["dtype"]) in floor]  # ratios need a floor
     keys = list(dict.fromkeys((r["case"], r["dtype"]) for r in rows))
     impls = list(dict.fromkeys(r["impl"] for r in rows))
-    floor = {(r["case"], r["dtype"]): r["median_ms"] for r in rows if r["impl"] == "floor"}
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(keys)), 4))
     width = 0.8 / max(len(impls), 1)
     for i, impl in enumerate(impls):
@@ -100,6 +102,8 @@ def plot(records: list[dict], path: str, title: str) -> None:
     ax.set_xticklabels([f"{c}\n{d}" for c, d in keys], fontsize=8)
     ax.set_ylabel("forward+backward time / floor")
     ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.2g"))
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%.2g"))
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, ncol=3)
     fig.tight_layout()

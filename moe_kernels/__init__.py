@@ -7,7 +7,7 @@ parallelism. Every tensor op is a ``torch.library`` custom op in the ``moe_kerne
 runnable by several backends (``backends``).
 """
 
-from moe_kernels import _ext, backends, distributed, losses, reference, routers
+from moe_kernels import _ext, backends, distributed, losses, reference, routers  # noqa: F401  (_ext loads _C)
 from moe_kernels.convert import aux_loss, moeify
 from moe_kernels.layers import MoEMlp
 from moe_kernels.ops import Routing, combine, compute_capacity, dispatch, grouped_mm, make_routing, topk_softmax

@@ -16,7 +16,8 @@ def report() -> str:
     lines = [
         f"moe_kernels        {moe_kernels.__version__}",
         f"python             {platform.python_version()} ({sys.executable})",
-        f"torch              {torch.__version__} (CUDA {torch.version.cuda}, cuda available: {torch.cuda.is_available()})",
+        f"torch              {torch.__version__} (CUDA {torch.version.cuda},"
+        f" cuda available: {torch.cuda.is_available()})",
     ]
     try:
         import triton

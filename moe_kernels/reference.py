@@ -114,7 +114,8 @@ def make_routing(
     idx = indices.reshape(G, S, K)  # [G, S, K]
     if priority is not None:
         # Batch Prioritized Routing: descending priority, ties keep token order, NaN ranks last.
-        key = torch.nan_to_num(priority.float().reshape(G, S), nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))  # [G, S]
+        inf = float("inf")
+        key = torch.nan_to_num(priority.float().reshape(G, S), nan=-inf, posinf=inf, neginf=-inf)  # [G, S]
         order = torch.sort(key, dim=1, descending=True, stable=True).indices  # [G, S]
     else:
         order = torch.arange(S, device=dev).expand(G, S)  # [G, S]
@@ -140,7 +141,8 @@ def make_routing(
 
     # Undo the K-major / priority ordering: back to [T, K].
     slot_gsk = slot_seq.reshape(G, K, S).transpose(1, 2)  # [G, S, K] in priority order
-    slot = torch.empty(G, S, K, dtype=torch.int64, device=dev).scatter_(1, order[..., None].expand(G, S, K), slot_gsk)  # [G, S, K]
+    slot = torch.empty(G, S, K, dtype=torch.int64, device=dev)  # [G, S, K]
+    slot.scatter_(1, order[..., None].expand(G, S, K), slot_gsk)
     slot = slot.reshape(T, K)  # [T, K]
     rows = torch.where(slot >= 0, offsets[indices] + slot, -1)  # [T, K]
 

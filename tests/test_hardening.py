@@ -53,13 +53,14 @@ def test_routing_property(backend, problem):
     prio = w[:, 0] if bpr else None
     r = mk.make_routing(idx, E, capacity, priority=prio, group_size=S, backend=backend)
     want = ref.make_routing(idx, E, capacity, S, prio)
-    for a, b in zip((r.slot, r.rows, r.row_src, r.counts, r.offsets), want):
+    for a, b in zip((r.slot, r.rows, r.row_src, r.counts, r.offsets), want, strict=True):
         assert torch.equal(a, b)
 
     # Invariants, from the definition rather than the reference.
     kept = r.slot >= 0
     assert torch.equal(torch.bincount(idx[kept], minlength=E), r.counts)
-    used = idx[kept] * (T * K + 1) + r.slot[kept]
+    stride = (G * capacity if capacity is not None else T * K) + 1  # above any slot
+    used = idx[kept] * stride + r.slot[kept]
     assert used.unique().numel() == used.numel()  # no two assignments share an expert slot
     if capacity is not None:
         pos = r.slot[kept] % capacity

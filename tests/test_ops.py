@@ -151,7 +151,7 @@ def test_make_routing_matches_reference(backend, T, E, K, capacity, group_size, 
     prio = torch.rand(T) if bpr else None
     got = mk.make_routing(idx, E, capacity, priority=prio, group_size=group_size, backend=backend)
     want = ref.make_routing(idx, E, capacity, group_size or T, prio)
-    for name, a, b in zip(("slot", "rows", "row_src", "counts", "offsets"), routing_tuple(got), want):
+    for name, a, b in zip(("slot", "rows", "row_src", "counts", "offsets"), routing_tuple(got), want, strict=False):
         assert torch.equal(a, b), f"{name} differs ({edge})"
     assert got.num_groups == T // (group_size or T)
 
@@ -159,13 +159,13 @@ def test_make_routing_matches_reference(backend, T, E, K, capacity, group_size, 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_make_routing_skewed(backend):
     """All tokens on one expert (others empty), and priorities with ties."""
-    T, E, K = 40, 6, 2
+    T, E, _K = 40, 6, 2
     idx = torch.stack([torch.full((T,), 3), torch.full((T,), 5)], dim=1)
     prio = torch.randint(0, 3, (T,)).float()  # many ties: order must stay stable
     for cap, gs in ((4, 10), (None, 20), (100, None)):
         got = mk.make_routing(idx, E, cap, priority=prio, group_size=gs, backend=backend)
         want = ref.make_routing(idx, E, cap, gs or T, prio)
-        assert all(torch.equal(a, b) for a, b in zip(routing_tuple(got), want))
+        assert all(torch.equal(a, b) for a, b in zip(routing_tuple(got), want, strict=False))
         assert got.counts[[0, 1, 2, 4]].sum() == 0
 
 
@@ -380,7 +380,7 @@ def test_gelu_grouped_mm_gradcheck_and_errors(backend):
     b = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
     for approximate in ("none", "tanh"):
         assert torch.autograd.gradcheck(
-            lambda h, w, b: mk.ops.gelu_grouped_mm(h, w, offsets, bias=b, approximate=approximate, backend=backend),
+            lambda h, w, b, a=approximate: mk.ops.gelu_grouped_mm(h, w, offsets, bias=b, approximate=a, backend=backend),  # noqa: E501
             (h, w, b),
         )
     with pytest.raises(ValueError, match=r"approximate must be 'none' or 'tanh', got 'erf'"):
@@ -570,8 +570,8 @@ def test_routing_and_combine_bitwise_identical_for_1_and_2_threads():
             results.append(runs)
     finally:
         torch.set_num_threads(before)
-    for a, b in zip(*results):
-        assert all(torch.equal(u, v) for u, v in zip(a, b))
+    for a, b in zip(*results, strict=False):
+        assert all(torch.equal(u, v) for u, v in zip(a, b, strict=False))
     # and the same integers as the reference
     want = ref.make_routing(idx, E, 256, 4096, w[:, 0])
-    assert all(torch.equal(u, v) for u, v in zip(results[0][2], want))
+    assert all(torch.equal(u, v) for u, v in zip(results[0][2], want, strict=False))

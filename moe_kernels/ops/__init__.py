@@ -6,4 +6,13 @@ from moe_kernels.ops.grouped_mm import gelu_grouped_mm, grouped_mm
 from moe_kernels.ops.make_routing import Routing, compute_capacity, make_routing
 from moe_kernels.ops.topk_softmax import topk_softmax
 
-__all__ = ["Routing", "combine", "compute_capacity", "dispatch", "gelu_grouped_mm", "grouped_mm", "make_routing", "topk_softmax"]
+__all__ = [
+    "Routing",
+    "combine",
+    "compute_capacity",
+    "dispatch",
+    "gelu_grouped_mm",
+    "grouped_mm",
+    "make_routing",
+    "topk_softmax",
+]

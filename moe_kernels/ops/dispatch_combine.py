@@ -110,7 +110,9 @@ _combine_weights_grad.register_autograd(_combine_weights_grad_backward, setup_co
 
 def _check_routing(op: str, routing: object) -> Routing:
     if not isinstance(routing, Routing):
-        raise TypeError(f"{op}: routing must be a moe_kernels.Routing (from make_routing), got {type(routing).__name__}")
+        raise TypeError(
+            f"{op}: routing must be a moe_kernels.Routing (from make_routing), got {type(routing).__name__}"
+        )
     return routing
 
 
@@ -129,7 +131,9 @@ def dispatch(x: Tensor, routing: Routing, *, backend: str = "auto") -> Tensor:
     check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES, op=op)
     routing = _check_routing(op, routing)
     if x.shape[0] != routing.num_tokens:
-        raise ValueError(f"{op}: x must have routing.num_tokens={routing.num_tokens} rows, got x of shape {tuple(x.shape)}")
+        raise ValueError(
+            f"{op}: x must have routing.num_tokens={routing.num_tokens} rows, got x of shape {tuple(x.shape)}"
+        )
     check_same_device(op, x=x, routing=routing.rows)
     out = _dispatch(x.contiguous(), routing.rows, routing.row_src, None, backends.requested_backend(backend))
     return out.view(routing.buffer_shape(x.shape[1]))
@@ -157,7 +161,9 @@ def combine(y: Tensor, routing: Routing, weights: Tensor | None = None, *, backe
     if weights is not None:
         check_tensor("weights", weights, ndim=2, dtypes=FLOAT_DTYPES, op=op)
         if tuple(weights.shape) != tuple(routing.rows.shape):
-            raise ValueError(f"{op}: weights must have shape [T, K]={tuple(routing.rows.shape)}, got {tuple(weights.shape)}")
+            raise ValueError(
+                f"{op}: weights must have shape [T, K]={tuple(routing.rows.shape)}, got {tuple(weights.shape)}"
+            )
     check_same_device(op, y=y, routing=routing.rows, weights=weights)
     flat = y.reshape(R, y.shape[-1]).contiguous()
     w = None if weights is None else weights.contiguous()

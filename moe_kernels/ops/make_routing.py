@@ -203,7 +203,8 @@ def make_routing(
         if T % group_size != 0:
             raise ValueError(f"{op}: group_size must divide the number of tokens T={T}, got group_size={group_size}")
     if priority is not None:
-        check_tensor("priority", priority, ndim=1, dtypes=(torch.float32, torch.float16, torch.bfloat16, torch.float64), op=op)
+        floats = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+        check_tensor("priority", priority, ndim=1, dtypes=floats, op=op)
         if priority.shape[0] != T:
             raise ValueError(f"{op}: priority must have shape [T]=[{T}], got {tuple(priority.shape)}")
         check_same_device(op, indices=indices, priority=priority)
