@@ -4,8 +4,10 @@
 multiply-add) and ignores element-wise work. Importing this module registers formulas for the
 ``moe_kernels`` ops so MoE layers are counted the same way:
 
-- ``grouped_mm`` ``x [M, Din] @ w[e].T -> [M, N]``: ``2*M*N*Din``. M is every row of the buffer,
-  so a capacity-bounded layer is charged for its padded ``E*G*C`` slots, as it computes them.
+- ``grouped_mm`` and ``gelu_grouped_mm`` ``x [M, Din] @ w[e].T -> [M, N]``: ``2*M*N*Din``. M is
+  every row of the buffer, so a capacity-bounded layer is charged for its padded ``E*G*C``
+  slots, as V-MoE counts them and as GPUs compute them (``count_flops`` turns the CPU's
+  ``MoEMlp.skip_empty_slots`` off, so the count does not depend on the device).
 - ``grouped_mm_weight_grad`` (backward): ``2*M*N*Din`` likewise.
 - ``dispatch``, ``combine``, ``combine_weights_grad``, ``topk_softmax``, ``make_routing``: 0
   (gathers, scatters and weighted sums: element-wise work, like GELU or LayerNorm).
@@ -45,6 +47,7 @@ def _zero_flop(*args, **kwargs) -> int:
 
 _ops = torch.ops.moe_kernels
 _register(_ops.grouped_mm, _grouped_mm_flop)
+_register(_ops.gelu_grouped_mm, _grouped_mm_flop)
 _register(_ops.grouped_mm_weight_grad, _grouped_mm_weight_grad_flop)
 for _name in ("dispatch", "combine", "combine_weights_grad", "topk_softmax", "topk_softmax_backward", "make_routing"):
     if hasattr(_ops, _name):
@@ -72,11 +75,16 @@ def count_flops(model: nn.Module, images: torch.Tensor) -> float:
     ``group_images`` images to charge what a full routing group costs.
     """
     was_training = model.training
+    moes = [m for m in model.modules() if isinstance(m, MoEMlp)]
     model.eval()
     try:
+        for m in moes:
+            m.skip_empty_slots = False  # an instance attribute, removed below
         counter = FlopCounterMode(display=False)
         with counter:
             model(images)
     finally:
         model.train(was_training)
+        for m in moes:
+            del m.skip_empty_slots
     return counter.get_total_flops() / images.shape[0]

@@ -76,7 +76,13 @@ class MoEMlp(nn.Module):
     Attributes:
         aux_loss: scalar auxiliary loss of the last forward (already weighted), or ``None``
             before the first one. ``moe_kernels.aux_loss(model)`` sums them over a model.
+        skip_empty_slots: with a capacity, on the CPU in eager mode, run the expert GEMMs on
+            the kept assignments only (``Routing.packed()``) instead of the ``E*G*C`` rows of
+            the padded buffer. Default True (class attribute); the results are the same.
+            GPUs and ``torch.compile`` always keep the static padded buffer.
     """
+
+    skip_empty_slots: bool = True
 
     def __init__(
         self,
@@ -287,7 +293,12 @@ class MoEMlp(nn.Module):
         """
         if self.process_group is not None:
             return self._expert_parallel(x, routing, weights)
-        if routing.capacity is not None and x.device.type == "cpu" and not torch.compiler.is_compiling():
+        if (
+            self.skip_empty_slots
+            and routing.capacity is not None
+            and x.device.type == "cpu"
+            and not torch.compiler.is_compiling()
+        ):
             # Eager on the CPU a data-dependent size costs nothing: the expert GEMMs skip the
             # empty slots of the capacity buffer (5-10% of its rows at c=1.05).
             routing = routing.packed()

@@ -328,3 +328,31 @@ def test_gelu_recomputation_only_for_a_plain_gelu():
     m = mk.MoEMlp(8, 16, num_experts=2, drop=0.1)
     assert not m._plain_gelu()  # dropout between GELU and fc2 while training
     assert m.eval()._plain_gelu()
+
+
+def test_skipping_empty_slots_changes_nothing_but_the_work(monkeypatch):
+    # CPU eager: the capacity buffer is packed (Routing.packed) so the expert GEMMs skip empty
+    # slots; the padded buffer gives the same output and gradients (up to GEMM tiling).
+    torch.manual_seed(0)
+    m = mk.MoEMlp(16, 32, num_experts=8, k=2, capacity_factor=1.5, group_size=24, noise_std=0.0)
+    x = torch.randn(48, 16)
+    packed_rows = []
+    real = mk.ops.Routing.packed
+    monkeypatch.setattr(mk.ops.Routing, "packed", lambda r: packed_rows.append(1) or real(r))
+
+    def run():
+        xx = x.clone().requires_grad_(True)
+        y = m(xx)
+        y.square().sum().backward()
+        out = [y.detach(), xx.grad] + [p.grad.clone() for p in m.parameters()]
+        m.zero_grad()
+        return out
+
+    a = run()
+    assert packed_rows, "the CPU eager forward should pack the plan"
+    m.skip_empty_slots = False
+    packed_rows.clear()
+    b = run()
+    assert not packed_rows
+    for u, v in zip(a, b, strict=True):
+        torch.testing.assert_close(u, v, atol=1e-5, rtol=1e-5)
