@@ -71,12 +71,15 @@ def _backward(ctx, grad):
     if ctx.needs_input_grad[1]:
         gw = _grouped_mm_weight_grad(x, grad, offsets, ctx.backend)
     if ctx.needs_input_grad[3]:
-        # Row sums per expert, as the weight gradient of a ones column: the same kernel on every
-        # backend, thread-count invariant (segment_reduce's parallel sum is not), and padding
-        # rows past offsets[E] fall outside every expert.
-        ones = grad.new_ones(grad.shape[0], 1)
-        gb = _grouped_mm_weight_grad(ones, grad, offsets, ctx.backend).squeeze(2)
+        gb = _bias_grad(grad, offsets, ctx.backend)
     return gx, gw, None, gb, None
+
+
+def _bias_grad(grad: Tensor, offsets: Tensor, backend: str) -> Tensor:
+    """Row sums of ``grad`` per expert, ``[E, N]``, as the weight gradient of a ones column: the
+    same kernel on every backend, thread-count invariant (segment_reduce's parallel sum is not),
+    and padding rows past offsets[E] fall outside every expert."""
+    return _grouped_mm_weight_grad(grad.new_ones(grad.shape[0], 1), grad, offsets, backend).squeeze(2)
 
 
 _grouped_mm.register_autograd(_backward, setup_context=_setup)
@@ -112,7 +115,7 @@ def _gelu_backward(ctx, grad):
     if ctx.needs_input_grad[1]:
         gw = _grouped_mm_weight_grad(F.gelu(h, approximate=ctx.approximate), grad, offsets, ctx.backend)
     if ctx.needs_input_grad[3]:
-        gb = _grouped_mm_weight_grad(grad.new_ones(grad.shape[0], 1), grad, offsets, ctx.backend).squeeze(2)
+        gb = _bias_grad(grad, offsets, ctx.backend)
     if ctx.needs_input_grad[0]:
         ga = _grouped_mm(grad, w.transpose(1, 2), offsets, None, ctx.backend)
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
