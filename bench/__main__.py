@@ -23,7 +23,7 @@ import torch  # noqa: E402
 import moe_kernels as mk  # noqa: E402
 from bench import report  # noqa: E402
 from bench.cases import MAIN_CASES, SWEEP_CASES  # noqa: E402
-from bench.measure import device_name  # noqa: E402
+from bench.measure import cpuinfo, device_name  # noqa: E402
 from bench.suite import run_layer_case, run_op_cases  # noqa: E402
 
 
@@ -112,14 +112,8 @@ def main(argv=None) -> int:
 
 def _emulated_bf16(device: torch.device) -> str | None:
     """Why bf16 matmuls are emulated on this device (None where they are native)."""
-    if device.type != "cpu":
-        return None
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return None
-    if {"avx512_bf16", "amx_bf16"} & set(flags):
+    flags = cpuinfo("flags") if device.type == "cpu" else None
+    if flags is None or {"avx512_bf16", "amx_bf16"} & set(flags.split()):
         return None
     return "no bf16 instructions (avx512_bf16, amx_bf16) on this CPU: torch emulates bf16 matmuls (30-50x fp32's time)"
 

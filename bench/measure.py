@@ -159,7 +159,7 @@ def train_step_modes(
     max_runs: int = 50,
     max_warmup: int = 4,
     modes: tuple[str, ...] = MODES,
-) -> list[dict[str, tuple[Timing, float | None]]]:
+) -> list[dict[str, tuple[Timing, float]]]:
     """``{mode: (timing, peak_mb)}`` for each step, in order.
 
     CPU: the steps run interleaved, round by round (each round starting one step later), so a
@@ -196,7 +196,7 @@ def train_step_modes(
     return out
 
 
-def _cpu_step_peaks(s: Step) -> dict[str, float | None]:
+def _cpu_step_peaks(s: Step) -> dict[str, float]:
     """Peak tensor memory of one step: above the forward's start, and above the backward's."""
     gc.collect()
     out, fwd_peak, fwd_net = _profiled(lambda: s.fn(s.inp))
@@ -229,13 +229,14 @@ def _cuda_modes(s: Step, min_run_time, modes):
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    model = "cpu"
+    model = cpuinfo("model name") or "cpu"
+    return f"{model} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+
+
+def cpuinfo(field: str) -> str | None:
+    """The first ``field`` of ``/proc/cpuinfo`` (``None`` where there is none)."""
     try:
         with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
+            return next((line.split(":", 1)[1].strip() for line in f if line.split(":")[0].strip() == field), None)
     except OSError:
-        pass
-    return f"{model} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+        return None

@@ -75,16 +75,20 @@ def count_flops(model: nn.Module, images: torch.Tensor) -> float:
     ``group_images`` images to charge what a full routing group costs.
     """
     was_training = model.training
-    moes = [m for m in model.modules() if isinstance(m, MoEMlp)]
+    # The padded count, on every device: packing off for the call, each layer's setting restored.
+    saved = {m: m.__dict__.get("skip_empty_slots") for m in model.modules() if isinstance(m, MoEMlp)}
     model.eval()
     try:
-        for m in moes:
-            m.skip_empty_slots = False  # an instance attribute, removed below
+        for m in saved:
+            m.skip_empty_slots = False
         counter = FlopCounterMode(display=False)
         with counter:
             model(images)
     finally:
         model.train(was_training)
-        for m in moes:
-            del m.skip_empty_slots
+        for m, value in saved.items():
+            if value is None:
+                del m.skip_empty_slots  # back to the class default
+            else:
+                m.skip_empty_slots = value
     return counter.get_total_flops() / images.shape[0]

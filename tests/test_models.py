@@ -165,7 +165,11 @@ def test_flops_and_active_params():
     # 3 MoE layers: 8 images x 17 tokens per group, C = ceil(136*2*1.05/8) -> 36 slots per expert.
     rows = 8 * 36
     moe_extra = 3 * (2 * rows * 2 * D * H / 8 - 2 * N * 2 * D * H + 2 * N * D * 8)  # experts - dense MLP + router
+    layers = [m for m in moe.modules() if isinstance(m, mk.MoEMlp)]
+    layers[0].skip_empty_slots = False  # a user's own setting survives the count
     assert count_flops(moe, x) == pytest.approx(expected + moe_extra)
+    assert layers[0].__dict__["skip_empty_slots"] is False
+    assert all("skip_empty_slots" not in m.__dict__ and m.skip_empty_slots for m in layers[1:])
     total, active = param_counts(moe)
     expert = 2 * D * H + H + D
     assert total - n_params(dense) == 3 * (7 * expert + D * 8)
