@@ -85,7 +85,9 @@ def _logits(x: Tensor, weight: Tensor, bias: Tensor | None = None, backend: str 
     dev = x.device.type
     ctx = torch.autocast(dev, enabled=False) if torch.amp.is_autocast_available(dev) else contextlib.nullcontext()
     with ctx:
-        offsets = torch.tensor([0, x.shape[0]], device=x.device)  # [2]: one group of all tokens
+        # [2] = [0, T]: one group of all tokens. Made on the device (arange, a factory op): a
+        # torch.tensor literal would be a host-to-device copy, a sync, on every forward.
+        offsets = torch.arange(2, device=x.device) * x.shape[0]
         b = None if bias is None else bias.float()[None]  # [1, E]
         return grouped_mm(x.float(), weight.float()[None], offsets, bias=b, backend=backend)  # [T, E]
 
