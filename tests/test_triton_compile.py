@@ -133,14 +133,14 @@ def _gemm_case(dt: str, wgrad: bool, transposed_w: bool = False):
     i32 = "i32"
     if wgrad:
         sig = dict(X_ptr=f"*{dt}", G_ptr=f"*{dt}", DW_ptr=f"*{dt}", Off_ptr="*i64", M=i32, N=i32, KD=i32,
-                   stride_xm=i32, stride_gm=i32, stride_we=i32, stride_wn=i32)  # fmt: skip
+                   M_BUCKET=i32, stride_xm=i32, stride_gm=i32, stride_we=i32, stride_wn=i32)  # fmt: skip
         const = dict(stride_xk=1, stride_gn=1, stride_wk=1)
-        div = ["X_ptr", "G_ptr", "DW_ptr", "Off_ptr", "N", "KD", "stride_xm", "stride_gm", "stride_we", "stride_wn"]
+        div = ["X_ptr", "G_ptr", "DW_ptr", "Off_ptr", "N", "KD", "M_BUCKET", "stride_xm", "stride_gm", "stride_we", "stride_wn"]
         return gm._grouped_mm_weight_grad_kernel, sig, const, div
     sig = dict(X_ptr=f"*{dt}", W_ptr=f"*{dt}", Y_ptr=f"*{dt}", Off_ptr="*i64", B_ptr=f"*{dt}", M=i32, N=i32,
-               KD=i32, E=i32, stride_xm=i32, stride_we=i32, stride_ym=i32, stride_be=i32)  # fmt: skip
+               KD=i32, E=i32, M_BUCKET=i32, stride_xm=i32, stride_we=i32, stride_ym=i32, stride_be=i32)  # fmt: skip
     const = dict(stride_xk=1, stride_yn=1, stride_bn=1, HAS_BIAS=True)
-    div = ["X_ptr", "W_ptr", "Y_ptr", "Off_ptr", "B_ptr", "N", "KD", "stride_xm", "stride_we", "stride_ym", "stride_be"]
+    div = ["X_ptr", "W_ptr", "Y_ptr", "Off_ptr", "B_ptr", "N", "KD", "M_BUCKET", "stride_xm", "stride_we", "stride_ym", "stride_be"]
     if transposed_w:  # dX: w.transpose(1, 2), so the reduction dimension is the strided one
         sig["stride_wk"] = i32
         const["stride_wn"] = 1

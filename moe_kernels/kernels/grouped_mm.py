@@ -106,6 +106,7 @@ def _grouped_mm_kernel(
     N,
     KD,
     E,
+    M_BUCKET,
     stride_xm,
     stride_xk,
     stride_we,
@@ -126,7 +127,8 @@ def _grouped_mm_kernel(
     """Grid ``(cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N),)``: each program owns a [BLOCK_M, BLOCK_N]
     tile of y [M, N] = x [M, KD] @ w[e] [N, KD].T (+ bias[e] [N] when HAS_BIAS) per expert
     range; rows at or past offsets[E] are written as zeros. fp32 accumulation and bias add,
-    rounded once to y's dtype.
+    rounded once to y's dtype. ``M_BUCKET`` (``_config.m_bucket(M)``) is read only by the
+    autotuner's key.
     """
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -192,6 +194,7 @@ def _grouped_mm_weight_grad_kernel(
     M,
     N,
     KD,
+    M_BUCKET,
     stride_xm,
     stride_xk,
     stride_gm,
@@ -209,6 +212,7 @@ def _grouped_mm_weight_grad_kernel(
     """Grid ``(cdiv(N, BLOCK_N) * cdiv(KD, BLOCK_K), E)``: each program owns a [BLOCK_N, BLOCK_K]
     tile of dw[e] = g[rows of e].T @ x[rows of e] (dw [E, N, KD], g [M, N], x [M, KD]) and
     reduces over the expert's rows BLOCK_M at a time; experts without rows get zeros.
+    ``M_BUCKET`` is read only by the autotuner's key.
     """
     pid = tl.program_id(0)
     e = tl.program_id(1)
@@ -246,13 +250,21 @@ def _grouped_mm_weight_grad_kernel(
     tl.store(dw_ptrs, acc.to(DW_ptr.dtype.element_ty), mask=n_ok[:, None] & k_ok[None, :])
 
 
+def fitting_configs(configs: list, elem_size: int, wgrad: bool = False) -> list:
+    """The candidates whose tiles fit the current device's shared memory (for pinning)."""
+    return prune_configs(configs, elem_size, _device_max_shared(), wgrad=wgrad)
+
+
+# The key buckets M (kernels/_config.py says why); tensor dtypes join the key by themselves.
 grouped_mm_kernel = triton.autotune(
     # stride_wk is 1 for the forward and Din for dX (the transposed view): tuned separately.
     configs=GROUPED_MM_CONFIGS,
-    key=["M", "N", "KD", "stride_wk"],
+    key=["M_BUCKET", "N", "KD", "stride_wk"],
     prune_configs_by={"early_config_prune": _prune_fwd},
 )(_grouped_mm_kernel)
 
 grouped_mm_weight_grad_kernel = triton.autotune(
-    configs=GROUPED_MM_WGRAD_CONFIGS, key=["M", "N", "KD"], prune_configs_by={"early_config_prune": _prune_wgrad}
+    configs=GROUPED_MM_WGRAD_CONFIGS,
+    key=["M_BUCKET", "N", "KD"],
+    prune_configs_by={"early_config_prune": _prune_wgrad},
 )(_grouped_mm_weight_grad_kernel)

@@ -25,7 +25,7 @@ from moe_kernels import reference
 from moe_kernels.kernels import _config
 from moe_kernels.kernels.gather import _combine_kernel, _combine_weights_grad_kernel, _dispatch_kernel
 from moe_kernels.kernels.gating import _topk_softmax_backward_kernel, _topk_softmax_kernel
-from moe_kernels.kernels.grouped_mm import grouped_mm_kernel, grouped_mm_weight_grad_kernel
+from moe_kernels.kernels import grouped_mm as _gm
 from moe_kernels.kernels.routing import _routing_histogram_kernel, _routing_positions_kernel
 
 _OPS = (
@@ -260,13 +260,14 @@ def grouped_mm(x: Tensor, w: Tensor, offsets: Tensor, bias: Tensor | None = None
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
     b = bias if bias is not None else out  # placeholder pointer, unread without HAS_BIAS
+    args = (
+        x, w, out, offsets, b, M, N, KD, E, _config.m_bucket(M),
+        x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2), out.stride(0), out.stride(1),
+        b.stride(0), b.stride(1),
+    )  # fmt: skip
     with _on_device(x):
-        grouped_mm_kernel[grid](
-            x, w, out, offsets, b, M, N, KD, E,
-            x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2), out.stride(0), out.stride(1),
-            b.stride(0), b.stride(1), HAS_BIAS=bias is not None,
-            **_dot_options(x.dtype),
-        )  # fmt: skip
+        _launch_gemm("grouped_mm", grid, args, x.element_size(), wgrad=False,
+                     HAS_BIAS=bias is not None, **_dot_options(x.dtype))  # fmt: skip
     return out
 
 
@@ -284,11 +285,35 @@ def grouped_mm_weight_grad(x: Tensor, grad_out: Tensor, offsets: Tensor) -> Tens
     def grid(meta):
         return (triton.cdiv(N, meta["BLOCK_N"]) * triton.cdiv(KD, meta["BLOCK_K"]), E)
 
+    args = (
+        x, grad_out, dw, offsets, M, N, KD, _config.m_bucket(M),
+        x.stride(0), x.stride(1), grad_out.stride(0), grad_out.stride(1),
+        dw.stride(0), dw.stride(1), dw.stride(2),
+    )  # fmt: skip
     with _on_device(x):
-        grouped_mm_weight_grad_kernel[grid](
-            x, grad_out, dw, offsets, M, N, KD,
-            x.stride(0), x.stride(1), grad_out.stride(0), grad_out.stride(1),
-            dw.stride(0), dw.stride(1), dw.stride(2),
-            **_dot_options(x.dtype),
-        )  # fmt: skip
+        _launch_gemm("grouped_mm_weight_grad", grid, args, x.element_size(), wgrad=True, **_dot_options(x.dtype))
     return dw
+
+
+# The grouped GEMMs' kernels by the names MOE_KERNELS_TRITON_CONFIG uses: (autotuned, plain
+# @triton.jit, candidates). Looked up at launch time, so tests can put a recorder in their place.
+GEMM_KERNELS = {
+    "grouped_mm": (_gm.grouped_mm_kernel, _gm._grouped_mm_kernel, _gm.GROUPED_MM_CONFIGS),
+    "grouped_mm_weight_grad": (
+        _gm.grouped_mm_weight_grad_kernel,
+        _gm._grouped_mm_weight_grad_kernel,
+        _gm.GROUPED_MM_WGRAD_CONFIGS,
+    ),
+}
+
+
+def _launch_gemm(name: str, grid, args: tuple, elem_size: int, *, wgrad: bool, **constexprs) -> None:
+    """Launch grouped GEMM ``name``: autotuned, or with the config ``MOE_KERNELS_TRITON_CONFIG``
+    pins (kernels/_config.py)."""
+    tuned, plain, candidates = GEMM_KERNELS[name]
+    cfg = _config.pinned_config(name, candidates, lambda cs: _gm.fitting_configs(cs, elem_size, wgrad=wgrad))
+    if cfg is None:
+        tuned[grid](*args, **constexprs)
+        return
+    meta = {**cfg.kwargs, **constexprs}
+    plain[grid(meta)](*args, **meta, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
