@@ -1,6 +1,6 @@
 """moe_kernels: fast Mixture-of-Experts layers for vision transformers.
 
-Functional API (DESIGN.md section 4): ``compute_capacity``, ``topk_softmax``, ``make_routing``,
+Functional API: ``compute_capacity``, ``topk_softmax``, ``make_routing``,
 ``dispatch``, ``combine``, ``grouped_mm`` and ``losses``. Modules: ``MoEMlp``, the routers of
 ``routers``; ``moeify`` and ``aux_loss`` for whole models; ``distributed`` for expert
 parallelism. Every tensor op is a ``torch.library`` custom op in the ``moe_kernels`` namespace,

@@ -1,4 +1,5 @@
-"""``python -m moe_kernels.info``: versions, whether ``_C`` loaded (and why not), backends."""
+"""``python -m moe_kernels.info``: versions, where the package was imported from, whether ``_C``
+loaded (and why not), backends."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ def report() -> str:
 
     lines = [
         f"moe_kernels        {moe_kernels.__version__}",
+        f"imported from      {_ext.PACKAGE_DIR}"
+        + (" (a source checkout)" if _ext.SOURCE_CHECKOUT else " (an installed package)"),
         f"python             {platform.python_version()} ({sys.executable})",
         f"torch              {torch.__version__} (CUDA {torch.version.cuda},"
         f" cuda available: {torch.cuda.is_available()})",
@@ -26,6 +29,8 @@ def report() -> str:
     except Exception as exc:
         lines.append(f"triton             not importable ({type(exc).__name__}: {exc})")
     lines.append(f"_C loaded          {_ext.LOADED}" + ("" if _ext.LOADED else f" ({_ext.LOAD_ERROR})"))
+    if not _ext.LOADED and (msg := _ext.shadowing_warning()):
+        lines.append(f"warning            {msg}")
     if _ext.LIBRARY:
         lines.append(f"_C library         {_ext.LIBRARY} (MOE_KERNELS_LIBRARY)")
     if _ext.LOADED:
