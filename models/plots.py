@@ -8,26 +8,33 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 __all__ = ["plot_accuracy", "plot_routing"]
 
 
 def plot_accuracy(histories: dict[str, list[dict]], path: str) -> None:
-    """Train (dashed) and validation (solid) accuracy per epoch, one colour per run."""
+    """Train (dashed) and validation (solid) accuracy per epoch, one colour per run.
+
+    Readable for any epoch count: whole-number epoch ticks, a marker on every point up to 30
+    epochs (so a one-epoch run shows its point), and a figure saved with room for its labels.
+    """
     fig, ax = plt.subplots(figsize=(6, 4))
     for i, (name, hist) in enumerate(histories.items()):
         if not hist:
             continue
         ep = [h["epoch"] for h in hist]
         c = f"C{i}"
-        ax.plot(ep, [h["train_acc"] for h in hist], "--", color=c, alpha=0.6)
-        ax.plot(ep, [h["val_acc"] for h in hist], "-", color=c, label=f"{name} (val)")
+        marker = "o" if len(ep) <= 30 else None
+        ax.plot(ep, [h["train_acc"] for h in hist], "--", color=c, alpha=0.6, marker=marker, markersize=4)
+        ax.plot(ep, [h["val_acc"] for h in hist], "-", color=c, marker=marker, markersize=4, label=f"{name} (val)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel("accuracy (dashed: train)")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -49,5 +56,5 @@ def plot_routing(matrices: dict[str, np.ndarray], class_names: list[str], path: 
         ax.set_yticklabels(class_names if len(class_names) <= 30 else [""] * m.shape[0], fontsize=7)
     axes[0][0].set_ylabel("class")
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="share of the class's assignments")
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)

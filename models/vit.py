@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from moe_kernels import MoEMlp
+from moe_kernels.layers import images_per_group
 
 __all__ = ["Attention", "Block", "GELUTanh", "Mlp", "PatchEmbed", "VisionTransformer", "LN_EPS"]
 
@@ -88,7 +89,7 @@ class Block(nn.Module):
     """``x + attn(ln1(x))``, then ``x + mlp(ln2(x))``; the MLP is dense or an ``MoEMlp``.
 
     With a token router (``MoEMlp.router`` set), routing groups are ``group_images`` whole
-    images: ``group_size`` is set per call from the batch's tokens per image. A batch that is
+    images: the group size is passed per call from the batch's tokens per image. A batch that is
     not a multiple of ``group_images`` is grouped by its largest divisor below that, so the
     last, smaller batch of an epoch still routes in groups of equal size.
     """
@@ -112,8 +113,7 @@ class Block(nn.Module):
             return x + self.mlp(h)
         if routing is None and self.mlp.router is not None:
             B, N = h.shape[:2]
-            g = max(d for d in range(1, min(self.group_images, B) + 1) if B % d == 0)
-            self.mlp.group_size = g * N
+            return x + self.mlp(h, group_size=images_per_group(B, self.group_images) * N)
         return x + self.mlp(h, routing=routing)
 
 

@@ -2,7 +2,24 @@
 
 Shape letters: T tokens, D input width, H expert hidden width, Dout output width, E experts,
 K choices per token, G groups of S tokens, C capacity per (group, expert), R buffer rows
-(E*G*C with a capacity, T*K dropless).
+(E*G*C with a capacity, T*K dropless), B images, N tokens per image.
+
+Routing groups (capacity holds per group and expert), the first that applies:
+
+1. ``forward(x, group_size=S)``: S tokens per group for this call;
+2. ``group_images=n``: for ``x`` of shape ``[B, N, D]`` (``[..., N, D]``: B is the product of
+   the leading sizes), groups of ``g`` whole images, ``S = g * N``, where ``g`` is the largest
+   divisor of B that is at most n (``images_per_group(B, n)``). A full batch routes in groups
+   of n images (V-MoE's 8); a batch of 4, or an epoch's last partial batch of 12 images with
+   n=8, routes in groups of 4 or 6 images, so every group has the same size and any batch size
+   works. ``models.vmoe`` follows the same rule;
+3. ``group_size=S`` (constructor, or assigned later): S tokens, which must divide every call's
+   token count;
+4. neither: all tokens of the call form one group.
+
+Dtypes: ``x`` must have the parameters' dtype, as for ``nn.Linear`` (a ``TypeError`` names both
+otherwise); under ``torch.autocast`` any float ``x`` runs in autocast's dtype with fp32 routing,
+which is the supported way to mix fp32 weights with bf16/fp16 activations.
 """
 
 from __future__ import annotations
@@ -21,10 +38,22 @@ from moe_kernels.routers import (
     _check_factor,
 )
 
-__all__ = ["MoEMlp", "ROUTERS"]
+__all__ = ["MoEMlp", "ROUTERS", "images_per_group"]
 
 #: ``router=`` choices: V-MoE's noisy top-K, expert choice, or none (routing passed to forward).
 ROUTERS = ("vmoe", "expert_choice", "external")
+
+
+def images_per_group(batch: int, group_images: int) -> int:
+    """The largest divisor of ``batch`` that is at most ``group_images`` (1 for an empty batch):
+    the images per routing group of a ``batch``-image call (module docstring, rule 2)."""
+    n = min(group_images, batch)
+    return next((d for d in range(n, 0, -1) if batch % d == 0), 1)
+
+
+def _check_group_size(name: str, v) -> None:
+    if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+        raise ValueError(f"MoEMlp: {name} must be an int >= 1 or None, got {v!r}")
 
 
 def _pair(v):
@@ -64,6 +93,9 @@ class MoEMlp(nn.Module):
         renormalize: divide each token's K weights by their sum.
         group_size: S, tokens per routing group (image-major, consecutive); must divide the
             tokens of each call. ``None``: all tokens of the call form one group.
+        group_images: routing groups of this many whole images, for ``[B, N, D]`` inputs: each
+            call routes in groups of ``images_per_group(B, group_images)`` images (the largest
+            divisor of B up to it), so any batch size works (V-MoE: 8). Excludes ``group_size``.
         importance_weight, load_weight, gshard_weight: the router's auxiliary loss weights.
         backend: ``auto`` or a name of ``moe_kernels.backends.BACKENDS``, for every op.
         process_group: a ``torch.distributed`` group of W ranks to shard the experts over
@@ -103,6 +135,7 @@ class MoEMlp(nn.Module):
         noise_std: float = 1.0,
         renormalize: bool = False,
         group_size: int | None = None,
+        group_images: int | None = None,
         importance_weight: float = 0.005,
         load_weight: float = 0.005,
         gshard_weight: float = 0.0,
@@ -127,10 +160,13 @@ class MoEMlp(nn.Module):
             raise ValueError(f"MoEMlp: router must be one of {ROUTERS}, got {router!r}")
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= num_experts:
             raise ValueError(f"MoEMlp: k must be an int in [1, num_experts={num_experts}], got {k!r}")
-        if group_size is not None and (
-            isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1
-        ):
-            raise ValueError(f"MoEMlp: group_size must be an int >= 1 or None, got {group_size!r}")
+        _check_group_size("group_size", group_size)
+        _check_group_size("group_images", group_images)
+        if group_size is not None and group_images is not None:
+            raise ValueError(
+                f"MoEMlp: give group_size (tokens) or group_images (images), not both; got group_size={group_size},"
+                f" group_images={group_images}"
+            )
         self.in_features = in_features
         self.hidden_features = hidden_features
         self.out_features = out_features
@@ -138,6 +174,7 @@ class MoEMlp(nn.Module):
         self.k = k
         self.router_type = router
         self.group_size = group_size
+        self.group_images = group_images
         self.renormalize = bool(renormalize)
         self.batch_priority = bool(batch_priority)
         self.backend = backend
@@ -225,7 +262,8 @@ class MoEMlp(nn.Module):
             f"out_features={self.out_features}, num_experts={self.num_experts}, k={self.k}, "
             f"router={self.router_type!r}, capacity_factor={self.capacity_factor}, "
             f"eval_capacity_factor={self.eval_capacity_factor}, group_size={self.group_size}, "
-            f"batch_priority={self.batch_priority}, renormalize={self.renormalize}, backend={self.backend!r}"
+            + ("" if self.group_images is None else f"group_images={self.group_images}, ")
+            + f"batch_priority={self.batch_priority}, renormalize={self.renormalize}, backend={self.backend!r}"
             + (
                 ""
                 if self.process_group is None
@@ -233,11 +271,26 @@ class MoEMlp(nn.Module):
             )
         )
 
-    def forward(self, x: Tensor, routing: RouterOutput | None = None) -> Tensor:
+    def group_size_for(self, x: Tensor) -> int | None:
+        """S for a call on ``x`` (module docstring, rules 2-4; ``None``: one group)."""
+        if self.group_images is None:
+            return self.group_size
+        if x.dim() < 3:
+            raise ValueError(
+                f"MoEMlp: group_images={self.group_images} needs x of shape [B, N, in_features], got"
+                f" {tuple(x.shape)}; pass group_size= (tokens) for flat inputs"
+            )
+        N = x.shape[-2]
+        B = math.prod(x.shape[:-2])
+        return images_per_group(B, self.group_images) * N
+
+    def forward(self, x: Tensor, routing: RouterOutput | None = None, *, group_size: int | None = None) -> Tensor:
         """Args:
-            x: ``[..., D]`` activations, tokens image-major.
+            x: ``[..., D]`` activations, tokens image-major (``[B, N, D]`` with ``group_images``).
             routing: a plan computed outside (e.g. ``PerImageRouter``) for the ``T = x[..., 0].numel()``
                 tokens; required with ``router="external"``, overrides the own router otherwise.
+            group_size: S for this call only (tokens per routing group; must divide T), ahead of
+                ``group_images`` and the layer's ``group_size``.
 
         Returns:
             ``[..., Dout]``, dtype of ``x`` (autocast's dtype under autocast).
@@ -245,6 +298,8 @@ class MoEMlp(nn.Module):
         if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[-1] != self.in_features:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"MoEMlp: x must have shape [..., in_features={self.in_features}], got {shape}")
+        self._check_dtype(x)
+        _check_group_size("group_size", group_size)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)  # [T, D]
         T = x2.shape[0]
@@ -254,7 +309,8 @@ class MoEMlp(nn.Module):
             if T == 0:
                 self.aux_loss = x.new_zeros((), dtype=torch.float32)
                 return self._empty(x2, lead)
-            routing = self.router(x2, capacity_factor=self.current_capacity_factor(), group_size=self.group_size)
+            S = group_size if group_size is not None else self.group_size_for(x)
+            routing = self.router(x2, capacity_factor=self.current_capacity_factor(), group_size=S)
             self.aux_loss = routing.aux_loss
         else:
             if not isinstance(routing, RouterOutput):
@@ -271,6 +327,18 @@ class MoEMlp(nn.Module):
                 return self._empty(x2, lead)
         out = self.experts(x2, routing.routing, routing.weights)  # [T, Dout]
         return out.reshape(*lead, self.out_features)
+
+    def _check_dtype(self, x: Tensor) -> None:
+        # As nn.Linear: an fp16/bf16/fp64 x meeting fp32 weights is an error, not a silent cast;
+        # autocast is the supported way to mix (x and weights then run in autocast's dtype).
+        w = self.fc1_weight
+        dev = x.device.type
+        if x.dtype == w.dtype or (torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)):
+            return
+        raise TypeError(
+            f"MoEMlp: x has dtype {x.dtype} but the layer's parameters have dtype {w.dtype}; convert one"
+            f" (x.to({w.dtype}) or layer.to({x.dtype})), or run under torch.autocast to mix them"
+        )
 
     def _empty(self, x2: Tensor, lead: torch.Size) -> Tensor:
         # No tokens: nothing to route (a capacity for 0-token groups is undefined). The output

@@ -141,3 +141,36 @@ def test_moeify_bad_kwargs_name_the_argument():
         mk.moeify(_small_vit(2), num_experts=2, k=3)
     with pytest.raises(ValueError, match="layers"):
         mk.moeify(_small_vit(2), "middle-1", num_experts=2)
+
+
+def test_readme_vit_trains_through_a_batch_of_4_and_a_last_partial_batch():
+    # The README's quick-start settings: a timm ViT-Ti/16 (no download), V-MoE layers in every
+    # other block, 8 experts, top-2, groups of up to 8 images. 10 images in batches of 4 give
+    # 4, 4 and a last partial batch of 2: each routes as one group of its own images (the
+    # largest divisor up to 8), where a fixed group_size=8*197 could not route any of them.
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10)
+    mk.moeify(model, "every-2", num_experts=8, k=2, group_images=8)
+    layers = [m for m in model.modules() if isinstance(m, mk.MoEMlp)]
+    assert len(layers) == 6
+    groups = []
+    layers[0].router.register_forward_hook(lambda mod, inp, out: groups.append(out.routing))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    images, labels = torch.randn(10, 3, 224, 224), torch.randint(0, 10, (10,))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, labels), batch_size=4)
+    model.train()
+    before = layers[0].fc1_weight.detach().clone()
+    for x, y in loader:
+        loss = nn.functional.cross_entropy(model(x), y) + mk.aux_loss(model)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        assert torch.isfinite(loss)
+    assert [(r.num_tokens, r.num_groups) for r in groups] == [(4 * 197, 1), (4 * 197, 1), (2 * 197, 1)]
+    assert not torch.equal(layers[0].fc1_weight, before)
+    model.eval()
+    for m in layers:
+        m.eval_capacity_factor = 4.0
+    with torch.no_grad():
+        assert model(images[:3]).shape == (3, 10)
+    assert groups[-1].capacity == mk.compute_capacity(3 * 197, 8, 2, 4.0)

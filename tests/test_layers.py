@@ -356,3 +356,89 @@ def test_skipping_empty_slots_changes_nothing_but_the_work(monkeypatch):
     assert not packed_rows
     for u, v in zip(a, b, strict=True):
         torch.testing.assert_close(u, v, atol=1e-5, rtol=1e-5)
+
+
+# --- routing groups that follow the batch (module docstring of moe_kernels.layers) ----------
+
+
+@pytest.mark.parametrize(
+    "batch,group_images,want",
+    [(16, 8, 8), (4, 8, 4), (12, 8, 6), (10, 8, 5), (7, 8, 7), (13, 8, 1), (9, 4, 3), (1, 8, 1), (0, 8, 1)],
+)
+def test_images_per_group_is_the_largest_divisor_up_to_n(batch, group_images, want):
+    assert mk.layers.images_per_group(batch, group_images) == want
+
+
+def _groups_of(m: mk.MoEMlp) -> list[int]:
+    seen: list[int] = []
+    m.router.register_forward_hook(lambda mod, inp, out: seen.append(out.routing.num_groups))
+    return seen
+
+
+def test_group_images_follows_the_batch():
+    # 5 tokens per image; groups of up to 8 images: 16 -> 2 groups of 8, 4 -> 1 of 4,
+    # 12 (a last partial batch) -> 2 of 6, 13 -> 13 of 1.
+    torch.manual_seed(0)
+    m = mk.MoEMlp(6, 10, num_experts=4, k=2, group_images=8)
+    seen = _groups_of(m)
+    for B in (16, 4, 12, 13):
+        x = torch.randn(B, 5, 6, requires_grad=True)
+        m(x).sum().backward()
+        assert x.grad.shape == x.shape
+    assert seen == [2, 1, 2, 13]
+    assert "group_images=8" in repr(m)
+
+
+def test_group_images_equals_the_token_group_size_it_implies():
+    torch.manual_seed(0)
+    a = mk.MoEMlp(6, 10, num_experts=4, k=2, capacity_factor=1.0, group_images=2).eval()
+    b = mk.MoEMlp(6, 10, num_experts=4, k=2, capacity_factor=1.0, group_size=2 * 5).eval()
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(6, 5, 6)
+    torch.testing.assert_close(a(x), b(x), atol=0, rtol=0)
+    # [2, 3, N, D]: the leading sizes are all images.
+    torch.testing.assert_close(a(x.view(2, 3, 5, 6)), b(x).view(2, 3, 5, 6), atol=0, rtol=0)
+
+
+def test_per_call_group_size_wins():
+    torch.manual_seed(0)
+    m = mk.MoEMlp(6, 10, num_experts=4, k=2, group_images=8)
+    seen = _groups_of(m)
+    x = torch.randn(8, 5, 6)
+    m(x)
+    m(x, group_size=10)  # 2 images per group for this call only
+    m(x)
+    assert seen == [1, 4, 1]
+    with pytest.raises(ValueError, match="group_size must be an int >= 1 or None, got 0"):
+        m(x, group_size=0)
+
+
+def test_group_images_errors():
+    with pytest.raises(ValueError, match="group_size .* or group_images .*not both"):
+        mk.MoEMlp(6, num_experts=4, group_size=10, group_images=2)
+    with pytest.raises(ValueError, match="group_images must be an int >= 1 or None, got 0"):
+        mk.MoEMlp(6, num_experts=4, group_images=0)
+    m = mk.MoEMlp(6, num_experts=4, group_images=2)
+    with pytest.raises(ValueError, match=r"group_images=2 needs x of shape \[B, N, in_features\], got \(10, 6\)"):
+        m(torch.randn(10, 6))
+
+
+# --- dtypes: as nn.Linear, except under autocast ----------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64], ids=["f16", "bf16", "f64"])
+def test_input_dtype_must_match_the_parameters(dtype):
+    m = mk.MoEMlp(8, 16, num_experts=4, k=2)
+    x = torch.randn(6, 8, dtype=dtype)
+    with pytest.raises(TypeError, match=f"x has dtype {dtype} but the layer's parameters have dtype torch.float32"):
+        m(x)
+    with pytest.raises(TypeError, match="autocast"):
+        mk.MoEMlp(8, 16, num_experts=4, router="external")(x, routing=mk.PerImageRouter(8, 4, 2)(x.float()[None]))
+    with pytest.raises(TypeError, match="torch.int64"):
+        m(torch.ones(6, 8, dtype=torch.int64))
+    # The documented ways: cast one side, or autocast.
+    assert m.to(dtype)(x).dtype == dtype
+    m.float()
+    if dtype != torch.float64:
+        with torch.autocast("cpu", dtype=dtype):
+            assert m(x).dtype == dtype

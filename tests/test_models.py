@@ -8,6 +8,9 @@ computes runs on 16 x 16 inputs with the 6 x 64 backbone to stay within seconds 
 
 from __future__ import annotations
 
+import json
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -132,10 +135,13 @@ def test_experts_share_initial_weights():
 
 def test_routing_groups_are_whole_images():
     m = small_vmoe(group_images=4)
-    m(torch.randn(8, 1, 16, 16))
-    assert m.blocks[1].mlp.group_size == 4 * 17
-    m(torch.randn(6, 1, 16, 16))  # 6 is no multiple of 4: groups of 3 images
-    assert m.blocks[1].mlp.group_size == 3 * 17
+    groups = []
+    m.blocks[1].mlp.router.register_forward_hook(lambda mod, inp, out: groups.append(out.routing.num_groups))
+    m(torch.randn(8, 1, 16, 16))  # 2 groups of 4 images (17 tokens each)
+    m(torch.randn(6, 1, 16, 16))  # 6 is no multiple of 4: its largest divisor up to 4, 2 groups of 3
+    m(torch.randn(5, 1, 16, 16))  # prime: groups of 1 image
+    assert groups == [2, 2, 5]
+    assert m.blocks[1].mlp.group_size is None  # the group size is per call, the layer keeps none
 
 
 def test_mobile_router_drives_every_moe_layer():
@@ -271,3 +277,99 @@ def test_digits_split_is_fixed_and_disjoint():
     assert (len(a.train), len(a.val), len(a.test)) == (1257, 270, 270)
     assert torch.equal(a.test.tensors[0], b.test.tensors[0])
     assert a.train.tensors[0].shape[1:] == (1, 16, 16)
+
+
+# --- the training CLI (python -m models.train) -------------------------------------------------
+
+
+def _cli(argv, capsys):
+    from models.train import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    return e.value.code, capsys.readouterr()
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--model", "mobile", "--variant", "Mu/4"], "'Mu/4' is a V-MoE variant"),
+        (["--model", "vmoe", "--variant", "6x64"], "'6x64' is a Mobile V-MoE size"),
+        (["--variant", "Z/9"], "unknown variant 'Z/9'"),
+        (["--k", "0"], "argument --k: must be an integer >= 1, got 0"),
+        (["--k", "3", "--num-experts", "2"], "k must be an int in [1, num_experts=2], got 3"),
+        (["--moe-layers", "every-0"], "every-0"),
+        (["--capacity-factor", "-1"], "argument --capacity-factor: must be a finite number > 0, got -1.0"),
+        (["--batch-size", "x"], "argument --batch-size: must be an integer >= 1, got 'x'"),
+        (["--epochs", "0"], "--epochs 0 evaluates a --checkpoint"),
+        (["--checkpoint", "nowhere.safetensors"], "--checkpoint: no such file"),
+        (["--data", "/no/such/folder"], "--data must be 'digits' or an existing image folder"),
+    ],
+)
+def test_cli_rejects_bad_arguments_before_any_work(argv, message, capsys, tmp_path):
+    # argparse errors (exit 2, the usage and the message), not tracebacks; nothing written.
+    code, out = _cli([*argv, "--out", str(tmp_path / "run"), "--no-progress"], capsys)
+    assert code == 2
+    assert "usage: python -m models.train" in out.err and message in out.err, out.err
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_help_shows_defaults(capsys):
+    code, out = _cli(["--help"], capsys)
+    assert code == 0
+    text = " ".join(out.out.split())  # argparse wraps to the terminal's width
+    for want in ("--num-experts NUM_EXPERTS experts per MoE layer (E) (default: 8)", "(default: 1.05)",
+                 "(default: every-2)", "--overwrite"):
+        assert want in text, want
+
+
+def test_cli_eval_only_leaves_the_training_run_byte_identical(tmp_path, capsys):
+    from models.train import main
+
+    old = os.umask(0o022)
+    try:
+        run = tmp_path / "run"
+        args = ["--model", "vmoe", "--variant", "Mu/4", "--num-experts", "4", "--no-progress"]
+        res = main([*args, "--epochs", "1", "--batch-size", "256", "--out", str(run)])
+        files = sorted(p.name for p in run.iterdir())
+        assert files == ["accuracy.png", "metrics.json", "model.safetensors", "routing.png"]
+        # Written with the user's umask: 0644 here (safetensors alone would give 0600).
+        assert {oct(os.stat(run / f).st_mode & 0o777) for f in files} == {"0o644"}
+        before = {f: (run / f).read_bytes() for f in files}
+        assert len(json.loads(before["metrics.json"])["epochs"]) == 1
+
+        ck = str(run / "model.safetensors")
+        ev = main(["--checkpoint", ck, "--epochs", "0", "--eval-capacity-factor", "4", "--no-progress"])
+        assert {f: (run / f).read_bytes() for f in files} == before
+        assert sorted(p.name for p in run.iterdir()) == sorted([*files, "eval-cf4"])
+        metrics = json.loads((run / "eval-cf4" / "metrics.json").read_text())
+        assert metrics["checkpoint"] == ck and metrics["epochs"] == [] and 0 <= metrics["test_acc"] <= 1
+        assert sorted(p.name for p in (run / "eval-cf4").iterdir()) == ["metrics.json", "routing.png"]
+        # Without a change of weights, eval at capacity factor 1.05 reproduces the run's test accuracy.
+        ev2 = main(["--checkpoint", ck, "--epochs", "0", "--no-progress"])
+        assert ev2["test_acc"] == res["test_acc"] and (run / "eval" / "metrics.json").exists()
+        assert ev["params_total"] == res["params_total"]
+    finally:
+        os.umask(old)
+    capsys.readouterr()
+    # Nothing overwrites a run without --overwrite: the evaluation again, or the training run's folder.
+    code, out = _cli(["--checkpoint", ck, "--epochs", "0", "--no-progress"], capsys)
+    assert code == 2 and "holds a run (metrics.json, routing.png); pass another --out, or --overwrite" in out.err
+    code, out = _cli([*args, "--checkpoint", ck, "--epochs", "0", "--out", str(run)], capsys)
+    assert code == 2 and "is the checkpoint's own run folder" in out.err
+    code, out = _cli([*args, "--epochs", "1", "--out", str(run)], capsys)
+    assert code == 2 and "already holds a run" in out.err
+    assert {f: (run / f).read_bytes() for f in files} == before
+
+
+def test_accuracy_plot_of_one_epoch_shows_a_point(tmp_path):
+    from PIL import Image
+
+    from models.plots import plot_accuracy
+
+    hist = [{"epoch": 1, "train_acc": 0.5, "val_acc": 0.6}]
+    plot_accuracy({"run": hist}, str(tmp_path / "a.png"))
+    img = np.asarray(Image.open(tmp_path / "a.png").convert("RGB")).astype(int)
+    # The val curve's colour (matplotlib's C0, #1f77b4) marks the single point.
+    blue = (abs(img - np.array([0x1F, 0x77, 0xB4])).sum(-1) < 30).sum()
+    assert blue > 20
