@@ -14,6 +14,7 @@ import torch
 
 import moe_kernels as mk
 from moe_kernels import backends
+from tests.gpu_params import backends_for, gpu_backends
 
 if not torch.cuda.is_available():
     pytest.skip("no CUDA device: the GPU tests need torch.cuda.is_available()", allow_module_level=True)
@@ -21,16 +22,14 @@ if not torch.cuda.is_available():
 pytestmark = pytest.mark.gpu
 
 DEV = "cuda"
-BACKENDS = [b for b, reasons in backends.available(DEV).items() if not reasons and b != "torch"]
+# Each test runs the backends that can run every op it calls (tests/gpu_params.py): the cuda
+# library has no grouped GEMM, so it is not parametrised there.
 DTYPES = {
     "f32": (torch.float32, 1e-5, 1e-5),
     "f16": (torch.float16, 2e-3, 2e-3),
     "bf16": (torch.bfloat16, 1.6e-2, 1.6e-2),
 }
 dtypes = pytest.mark.parametrize("dt", list(DTYPES))
-gpu_backends = pytest.mark.parametrize(
-    "backend", BACKENDS or [pytest.param("none", marks=pytest.mark.skip(reason="no GPU backend available"))]
-)
 
 
 def _close(a, b, dt):
@@ -54,7 +53,7 @@ def _indices(T, E, K):
 GATING = [(1, 4, 1), (1000, 8, 2), (777, 7, 7), (513, 256, 8), (4096, 32, 2)]
 
 
-@gpu_backends
+@gpu_backends("topk_softmax", "topk_softmax_backward")
 @dtypes
 @pytest.mark.parametrize("renormalize", [False, True])
 @pytest.mark.parametrize("T,E,K", GATING)
@@ -77,7 +76,7 @@ ROUTING = [
 ]
 
 
-@gpu_backends
+@gpu_backends("make_routing")
 @pytest.mark.parametrize("T,E,K,C,S,bpr", ROUTING)
 def test_make_routing(backend, T, E, K, C, S, bpr):
     indices = _indices(T, E, K)
@@ -88,7 +87,7 @@ def test_make_routing(backend, T, E, K, C, S, bpr):
         assert torch.equal(getattr(got, name), getattr(want, name)), name
 
 
-@gpu_backends
+@gpu_backends("dispatch", "combine", "combine_weights_grad")
 @dtypes
 @pytest.mark.parametrize("C", [32, None], ids=["capacity", "dropless"])
 def test_dispatch_combine(backend, C, dt):
@@ -112,7 +111,7 @@ def test_dispatch_combine(backend, C, dt):
     torch.testing.assert_close(got[3], want[3], atol=DTYPES[dt][1] * 10, rtol=DTYPES[dt][2] * 10)
 
 
-@gpu_backends
+@gpu_backends("grouped_mm", "grouped_mm_weight_grad")
 @dtypes
 @pytest.mark.parametrize("sizes", [[300, 0, 1200, 7, 541], [2048], [0, 0, 0]], ids=["mixed", "one", "empty"])
 def test_grouped_mm(backend, sizes, dt):
@@ -134,7 +133,7 @@ def test_grouped_mm(backend, sizes, dt):
         _close_lowp(a, b, e, dt)
 
 
-@pytest.mark.skipif("triton" not in BACKENDS, reason="the triton backend is not available on CUDA")
+@pytest.mark.skipif("triton" not in backends_for(*backends.OPS), reason="the triton backend is not available on CUDA")
 def test_triton_makes_no_host_sync():
     """After a warm-up (autotuning syncs once), a full MoE step's ops never wait for the GPU."""
     T, E, K, D, H = 512, 8, 2, 64, 128
@@ -158,7 +157,7 @@ def test_triton_makes_no_host_sync():
         torch.cuda.set_sync_debug_mode(0)
 
 
-@pytest.mark.skipif("triton" not in BACKENDS, reason="the triton backend is not available on CUDA")
+@pytest.mark.skipif("triton" not in backends_for(*backends.OPS), reason="the triton backend is not available on CUDA")
 def test_triton_int64_addressing():
     """T*D past 2**31 elements: offsets must not wrap (needs ~13 GB of GPU memory)."""
     T, D, E, K = (1 << 21) + 3, 1024, 4, 1
@@ -173,3 +172,66 @@ def test_triton_int64_addressing():
     assert buf[-1].eq(1).all() and buf[-2].eq(0).all()
     out = mk.combine(buf, r, backend="triton")
     assert out[-1].eq(1).all()
+
+
+# ---------------------------------------------------------------- the whole layer
+LAYER_CASES = {
+    # id: (MoEMlp kwargs, per-image routing handed in) -- the routers of tests/test_host_sync.py
+    "vmoe-capacity-groups": (dict(router="vmoe", capacity_factor=1.05, group_size=2 * 50), False),
+    "vmoe-bpr": (dict(router="vmoe", capacity_factor=1.0, batch_priority=True, group_size=2 * 50), False),
+    "vmoe-dropless": (dict(router="vmoe", capacity_factor=None, renormalize=True), False),
+    "expert-choice": (dict(router="expert_choice", capacity_factor=1.0, group_size=2 * 50), False),
+    "per-image": (dict(router="external"), True),
+}
+
+
+def _layer(case, backend="auto"):
+    kwargs, per_image = LAYER_CASES[case]
+    torch.manual_seed(0)
+    layer = mk.MoEMlp(64, 96, num_experts=8, backend=backend, device=DEV, **kwargs)
+    router = mk.routers.PerImageRouter(64, 8, k=2, backend=backend, device=DEV) if per_image else None
+    return layer, router
+
+
+def _layer_step(layer, router, x, amp: bool):
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+        y = layer(x, routing=router(x) if router is not None else None)
+        loss = y.float().square().mean() + layer.aux_loss
+    loss.backward()
+    return y
+
+
+@pytest.mark.parametrize("amp", [False, True], ids=["f32", "bf16-autocast"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("case", list(LAYER_CASES))
+def test_moe_mlp_step_never_syncs(case, training, amp):
+    """A whole MoEMlp training/eval step, forward and backward, on the default backends: after
+    a warm-up (Triton compiles and, unless pinned, autotunes), no op waits for the GPU."""
+    layer, router = _layer(case)
+    layer.train(training)
+    x = torch.randn(4, 50, 64, device=DEV, requires_grad=True)
+    _layer_step(layer, router, x, amp)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        y = _layer_step(layer, router, x, amp)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
+    assert torch.isfinite(layer.fc1_weight.grad).all() and torch.isfinite(layer.fc2_weight.grad).all()
+
+
+@pytest.mark.parametrize("case", list(LAYER_CASES))
+def test_moe_mlp_matches_the_reference_backend(case):
+    """fp32, eval (no noise): the default GPU backends give the reference's output and
+    gradients (TF32 off)."""
+    res = {}
+    x0 = torch.randn(4, 50, 64, device=DEV)
+    for backend in ("auto", "torch"):
+        layer, router = _layer(case, backend)
+        layer.eval()
+        x = x0.clone().requires_grad_()
+        y = _layer_step(layer, router, x, amp=False)
+        res[backend] = (y, x.grad, layer.fc1_weight.grad, layer.fc2_weight.grad)
+    for got, want in zip(res["auto"], res["torch"], strict=True):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

@@ -5,10 +5,18 @@ gradients by gradcheck in fp64. Each case names the edge it covers; the gating s
 lane layout of the kernel (E below, at and above a warp, packed 16-byte loads and the scalar
 fallback). Skipped without a GPU or without the CUDA part of moe_kernels._C.
 
+A device-side check that fails (``__trap()``, e.g. an index out of range) poisons the CUDA
+context of its process: every later CUDA call there fails. So this module runs in a process of
+its own: tests/test_gpu_cuda_process.py starts it as a child pytest with
+``MOE_KERNELS_CUDA_CHILD=1`` (``make gpu-check`` does the same), and in any other process its
+tests skip.
+
 Shape letters: T tokens, E experts, K choices, D width, C capacity, S group size.
 """
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -18,7 +26,11 @@ from moe_kernels import _ext, backends
 from moe_kernels import reference as ref
 from tests.conftest import DTYPES
 
+CHILD_ENV = "MOE_KERNELS_CUDA_CHILD"
 pytestmark = [
+    pytest.mark.skipif(
+        os.environ.get(CHILD_ENV) != "1", reason="runs in a process of its own (tests/test_gpu_cuda_process.py)"
+    ),
     pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible to torch"),
     pytest.mark.skipif(not _ext.cuda_kernels_built(), reason="moe_kernels._C was built without CUDA kernels"),
 ]
