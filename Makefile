@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.moe-kernels-deps
 TORCH  ?= torch==2.14.1
 export MAX_JOBS ?= 2
 
-.PHONY: all venv build test test-asan bench demo info lint clean
+.PHONY: all venv build test test-asan bench demo info lint sdist-check clean
 
 all: test
 
@@ -52,7 +52,23 @@ demo: build
 	$(PY) -m models.demo
 
 lint: $(STAMP)
-	$(PY) -m ruff check moe_kernels models bench tests
+	$(PY) -m ruff check moe_kernels models bench tests examples setup.py .ci
+
+# The user's path from source: build the sdist, build a wheel from it in a fresh virtual
+# environment (torch first; CPU kernels only, MOE_KERNELS_BUILD_CUDA=0, to keep CI short), check
+# what both carry, install the wheel and run `python -m moe_kernels.info` and one layer from a
+# folder outside the checkout.
+SDIST_VENV := build/sdist-venv
+sdist-check: $(STAMP)
+	rm -rf dist $(SDIST_VENV)
+	MOE_KERNELS_BUILD_CUDA=0 $(PY) -m build -q --sdist --no-isolation --outdir dist .
+	$(PYTHON) -m venv $(SDIST_VENV)
+	$(SDIST_VENV)/bin/python -m pip install -q "$(TORCH)" setuptools wheel ninja
+	MOE_KERNELS_BUILD_CUDA=0 $(SDIST_VENV)/bin/python -m pip wheel -q --no-build-isolation --no-deps -w dist dist/moe_kernels-*.tar.gz
+	$(PY) .ci/check_dist.py dist
+	$(SDIST_VENV)/bin/python -m pip install -q dist/moe_kernels-*.whl
+	cd "$$(mktemp -d)" && $(CURDIR)/$(SDIST_VENV)/bin/python -m moe_kernels.info \
+		&& $(CURDIR)/$(SDIST_VENV)/bin/python $(CURDIR)/.ci/sdist_smoke.py
 
 clean:
-	rm -rf build moe_kernels/_C*.so *.egg-info
+	rm -rf build dist moe_kernels/_C*.so *.egg-info
