@@ -114,7 +114,8 @@ def moeify(model: nn.Module, layers: str | Sequence[int] = "every-2", *, num_exp
         layers: ``"every-n"`` (blocks ``n-1, 2n-1, ...``), ``"last-n"`` (the last n odd blocks,
             V-MoE's rule) or a sequence of block indices.
         num_experts: E.
-        **kwargs: ``MoEMlp`` keywords (``k``, ``capacity_factor``, ``group_size``, ...);
+        **kwargs: ``MoEMlp`` keywords (``k``, ``capacity_factor``, ``group_images`` for routing
+            groups of whole images that follow the batch size, ``group_size``, ...);
             ``process_group=`` shards the experts over its ranks (each layer keeps its rank's
             copies; load a single-process checkpoint with ``distributed.load_sharded``).
 
