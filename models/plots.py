@@ -28,7 +28,12 @@ def plot_accuracy(histories: dict[str, list[dict]], path: str) -> None:
         marker = "o" if len(ep) <= 30 else None
         ax.plot(ep, [h["train_acc"] for h in hist], "--", color=c, alpha=0.6, marker=marker, markersize=4)
         ax.plot(ep, [h["val_acc"] for h in hist], "-", color=c, marker=marker, markersize=4, label=f"{name} (val)")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    last = max((h["epoch"] for hist in histories.values() for h in hist), default=1)
+    if last <= 10:  # one tick per epoch, the points clear of the frame
+        ax.set_xticks(range(1, last + 1))
+        ax.set_xlim(0.5, last + 0.5)
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel("accuracy (dashed: train)")
     ax.grid(alpha=0.3)
