@@ -550,7 +550,13 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[d
     if args.checkpoint is not None and os.path.abspath(out) == os.path.dirname(os.path.abspath(args.checkpoint)):
         if not args.overwrite:
             p.error(f"--out {out!r} is the checkpoint's own run folder; pass another --out, or --overwrite")
-    existing = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
+    # Mobile V-MoE's stage 1 writes a run of its own into out/stage1-dense/.
+    existing = [
+        os.path.join(sub, f) if sub else f
+        for sub in ("", "stage1-dense")
+        for f in RUN_FILES
+        if os.path.exists(os.path.join(out, sub, f))
+    ]
     if existing and not args.overwrite:
         p.error(f"--out {out!r} already holds a run ({', '.join(existing)}); pass another --out, or --overwrite")
     return cfg, out
