@@ -25,27 +25,18 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     )
 triton = pytest.importorskip("triton", reason="triton is not installed")
 
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
-
+from bench.kernels import SHARED_LIMIT, compile_kernel, config_id, gemm_configs, gemm_signature  # noqa: E402
 from moe_kernels.kernels import gather, gating, routing  # noqa: E402
 from moe_kernels.kernels import grouped_mm as gm  # noqa: E402
 
-SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 MMA = {80: "mma.sync", 90: "wgmma"}
 CCS = [80, 90]
 DTYPES = ["fp16", "bf16"]
 
 
 def _compile(fn, cc: int, sig: dict, constexprs: dict, divisible: list[str], num_warps: int, num_stages: int = 3):
-    signature = dict(sig)
-    signature.update({name: "constexpr" for name in constexprs})
-    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in divisible}
-    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     try:
-        return triton.compile(
-            src, target=GPUTarget("cuda", cc, 32), options={"num_warps": num_warps, "num_stages": num_stages}
-        )
+        return compile_kernel(fn, cc, sig, constexprs, divisible, num_warps, num_stages)
     except Exception as exc:  # a wheel without its ptxas cannot check anything
         if "ptxas" in str(exc) and ("not found" in str(exc) or "No such file" in str(exc)):
             pytest.skip(f"triton's ptxas is unavailable: {exc}")
@@ -130,36 +121,14 @@ def test_small_kernel_compiles(name, cc, dt):
 
 
 def _gemm_case(dt: str, wgrad: bool, transposed_w: bool = False):
-    i32 = "i32"
-    if wgrad:
-        sig = dict(X_ptr=f"*{dt}", G_ptr=f"*{dt}", DW_ptr=f"*{dt}", Off_ptr="*i64", M=i32, N=i32, KD=i32,
-                   M_BUCKET=i32, stride_xm=i32, stride_gm=i32, stride_we=i32, stride_wn=i32)  # fmt: skip
-        const = dict(stride_xk=1, stride_gn=1, stride_wk=1)
-        div = ["X_ptr", "G_ptr", "DW_ptr", "Off_ptr", "N", "KD", "M_BUCKET", "stride_xm", "stride_gm", "stride_we", "stride_wn"]
-        return gm._grouped_mm_weight_grad_kernel, sig, const, div
-    sig = dict(X_ptr=f"*{dt}", W_ptr=f"*{dt}", Y_ptr=f"*{dt}", Off_ptr="*i64", B_ptr=f"*{dt}", M=i32, N=i32,
-               KD=i32, E=i32, M_BUCKET=i32, stride_xm=i32, stride_we=i32, stride_ym=i32, stride_be=i32)  # fmt: skip
-    const = dict(stride_xk=1, stride_yn=1, stride_bn=1, HAS_BIAS=True)
-    div = ["X_ptr", "W_ptr", "Y_ptr", "Off_ptr", "B_ptr", "N", "KD", "M_BUCKET", "stride_xm", "stride_we", "stride_ym", "stride_be"]
-    if transposed_w:  # dX: w.transpose(1, 2), so the reduction dimension is the strided one
-        sig["stride_wk"] = i32
-        const["stride_wn"] = 1
-        div.append("stride_wk")
-    else:
-        sig["stride_wn"] = i32
-        const["stride_wk"] = 1
-        div.append("stride_wn")
-    return gm._grouped_mm_kernel, sig, const, div
+    return gemm_signature("weight_grad" if wgrad else "dx" if transposed_w else "forward", dt)
 
 
 def _configs(wgrad: bool, cc: int, elem_size: int):
-    configs = gm.GROUPED_MM_WGRAD_CONFIGS if wgrad else gm.GROUPED_MM_CONFIGS
-    return gm.prune_configs(configs, elem_size, SHARED_LIMIT[cc], wgrad=wgrad)
+    return gemm_configs("weight_grad" if wgrad else "forward", cc, elem_size)
 
 
-def _cfg_id(c) -> str:
-    k = c.kwargs
-    return f"{k['BLOCK_M']}x{k['BLOCK_N']}x{k['BLOCK_K']}-w{c.num_warps}-s{c.num_stages}"
+_cfg_id = config_id
 
 
 GEMM_CASES = [

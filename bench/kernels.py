@@ -1,0 +1,208 @@
+"""What the compiler made of the Triton kernels: registers, spills, shared memory, tensor-core
+and TMA instructions, read from the cubins (``cuobjdump``), no GPU needed.
+
+``python -m bench.kernels --arch sm_90|sm_80 [--json PATH]`` compiles every grouped-GEMM
+config the launcher can pick on that architecture (forward, dX, weight gradient; fp16/bf16)
+ahead of time and reports one record per kernel and config: ``kernel, config, arch, n_regs,
+n_spills, shared_bytes, wgmma, mma, tma`` (and the raw counts behind them). ``make gpu-check``
+runs the same analysis over the kernels a real run compiled (``scan_cache``).
+
+Counts come from the SASS: ``HGMMA`` (wgmma), ``HMMA`` (mma.sync), ``UTMALDG``/``UTMASTG``
+(TMA), ``LDL``/``STL`` (local memory: spills), ``LDGSTS`` (cp.async). ``n_spills`` is the
+per-thread local memory (stack frame included) in 4-byte words, as Triton's ``n_spills``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+SASS_OPS = ("HGMMA", "HMMA", "UTMALDG", "UTMASTG", "LDL", "STL", "LDGSTS")
+_DOT = re.compile(r"tt\.dot\b.*?:\s*tensor<(\d+)x(\d+)x(\w+)>\s*\*\s*tensor<(\d+)x(\d+)x\w+>")
+
+
+def find_cuobjdump() -> str | None:
+    """The toolkit's cuobjdump, else the one Triton's wheel carries."""
+    found = shutil.which("cuobjdump")
+    if found:
+        return found
+    try:
+        import triton
+    except ImportError:
+        return None
+    bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    return bundled if os.path.exists(bundled) else None
+
+
+def analyze_cubin(path: str, cuobjdump: str) -> dict:
+    """Resource usage and SASS instruction counts of the one kernel in cubin ``path``."""
+    res = subprocess.run([cuobjdump, "--dump-resource-usage", path], capture_output=True, text=True, timeout=60)
+    usage = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", res.stdout))
+    sass = subprocess.run([cuobjdump, "-sass", path], capture_output=True, text=True, timeout=120).stdout
+    counts = {op: len(re.findall(rf"\b{op}(?:\.[A-Z0-9_.]+)?\b", sass)) for op in SASS_OPS}
+    regs, stack, local = (int(usage.get(k, 0)) for k in ("REG", "STACK", "LOCAL"))
+    return {
+        "n_regs": regs,
+        "n_spills": (stack + local) // 4,
+        "stack_bytes": stack,
+        "local_bytes": local,
+        "wgmma": counts["HGMMA"],
+        "mma": counts["HMMA"],
+        "tma": counts["UTMALDG"] + counts["UTMASTG"],
+        "ldl": counts["LDL"],
+        "stl": counts["STL"],
+        "cp_async": counts["LDGSTS"],
+    }
+
+
+def dot_tile(ttir: str) -> str | None:
+    """``"AxBxC"`` of the first ``tt.dot`` (``[A, B] @ [B, C]``), from the kernel's TTIR."""
+    m = _DOT.search(ttir)
+    return None if m is None else f"{m.group(1)}x{m.group(5)}x{m.group(2)} {m.group(3)}"
+
+
+def scan_cache(cache_dir: str, cuobjdump: str | None = None) -> list[dict]:
+    """One record per kernel compiled into the Triton cache ``cache_dir``."""
+    cuobjdump = cuobjdump or find_cuobjdump()
+    records = []
+    for meta_path in sorted(glob.glob(os.path.join(cache_dir, "*", "*.json"))):
+        if os.path.basename(meta_path).startswith("__grp__"):
+            continue
+        stem = meta_path[: -len(".json")]
+        if not os.path.exists(stem + ".cubin"):
+            continue
+        with open(meta_path) as f:
+            meta = json.load(f)
+        ttir = open(stem + ".ttir").read() if os.path.exists(stem + ".ttir") else ""
+        rec = {
+            "kernel": meta.get("name", os.path.basename(stem)),
+            "config": f"w{meta.get('num_warps')}-s{meta.get('num_stages')}",
+            "dot": dot_tile(ttir),
+            "arch": str(meta.get("arch") or meta.get("target", {}).get("arch")),
+            "shared_bytes": meta.get("shared"),
+        }
+        if cuobjdump:
+            rec.update(analyze_cubin(stem + ".cubin", cuobjdump))
+        records.append(rec)
+    return records
+
+
+# ---------------------------------------------------------------- ahead-of-time compilation
+SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+
+
+def gemm_signature(kind: str, dt: str) -> tuple:
+    """``(kernel, signature, constexprs, 16-divisible args)`` of a grouped-GEMM launch as the
+    launcher makes it: ``kind`` is ``forward``, ``dx`` (the transposed expert matrix, so the
+    reduction stride is the strided one) or ``weight_grad``; pointers and leading strides
+    16-divisible, inner strides 1 (Triton specialises on both)."""
+    from moe_kernels.kernels import grouped_mm as gm
+
+    i32 = "i32"
+    if kind == "weight_grad":
+        sig = dict(X_ptr=f"*{dt}", G_ptr=f"*{dt}", DW_ptr=f"*{dt}", Off_ptr="*i64", M=i32, N=i32, KD=i32,
+                   M_BUCKET=i32, stride_xm=i32, stride_gm=i32, stride_we=i32, stride_wn=i32)  # fmt: skip
+        const = dict(stride_xk=1, stride_gn=1, stride_wk=1)
+        div = ["X_ptr", "G_ptr", "DW_ptr", "Off_ptr", "N", "KD", "M_BUCKET", "stride_xm", "stride_gm", "stride_we",
+               "stride_wn"]  # fmt: skip
+        return gm._grouped_mm_weight_grad_kernel, sig, const, div
+    sig = dict(X_ptr=f"*{dt}", W_ptr=f"*{dt}", Y_ptr=f"*{dt}", Off_ptr="*i64", B_ptr=f"*{dt}", M=i32, N=i32,
+               KD=i32, E=i32, M_BUCKET=i32, stride_xm=i32, stride_we=i32, stride_ym=i32, stride_be=i32)  # fmt: skip
+    const = dict(stride_xk=1, stride_yn=1, stride_bn=1, HAS_BIAS=True)
+    div = ["X_ptr", "W_ptr", "Y_ptr", "Off_ptr", "B_ptr", "N", "KD", "M_BUCKET", "stride_xm", "stride_we", "stride_ym",
+           "stride_be"]  # fmt: skip
+    strided = "stride_wk" if kind == "dx" else "stride_wn"
+    sig[strided] = i32
+    const["stride_wn" if kind == "dx" else "stride_wk"] = 1
+    div.append(strided)
+    return gm._grouped_mm_kernel, sig, const, div
+
+
+def compile_kernel(fn, cc: int, sig: dict, constexprs: dict, divisible: list[str], num_warps: int, num_stages: int):
+    """``triton.compile`` for ``sm_<cc>`` without a GPU."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature = dict(sig)
+    signature.update({name: "constexpr" for name in constexprs})
+    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in divisible}
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(
+        src, target=GPUTarget("cuda", cc, 32), options={"num_warps": num_warps, "num_stages": num_stages}
+    )
+
+
+def gemm_configs(kind: str, cc: int, elem_size: int = 2) -> list:
+    """The grouped-GEMM configs the launcher can pick on ``sm_<cc>`` (shared-memory pruned)."""
+    from moe_kernels.kernels import grouped_mm as gm
+
+    wgrad = kind == "weight_grad"
+    configs = gm.GROUPED_MM_WGRAD_CONFIGS if wgrad else gm.GROUPED_MM_CONFIGS
+    return gm.prune_configs(configs, elem_size, SHARED_LIMIT[cc], wgrad=wgrad)
+
+
+def config_id(cfg) -> str:
+    k = cfg.kwargs
+    return f"{k['BLOCK_M']}x{k['BLOCK_N']}x{k['BLOCK_K']}-w{cfg.num_warps}-s{cfg.num_stages}"
+
+
+def aot_records(cc: int, dtypes=("fp16", "bf16"), kinds=("forward", "dx", "weight_grad"), limit=None) -> list[dict]:
+    """Compile every (kind, dtype, config) for ``sm_<cc>`` and analyse the cubins."""
+    cuobjdump = find_cuobjdump()
+    records = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for kind in kinds:
+            for dt in dtypes:
+                for cfg in gemm_configs(kind, cc)[:limit]:
+                    fn, sig, const, div = gemm_signature(kind, dt)
+                    const.update(INPUT_PRECISION="tf32", DOT_FP32=False, **cfg.kwargs)
+                    k = compile_kernel(fn, cc, sig, const, div, cfg.num_warps, cfg.num_stages)
+                    rec = {"kernel": f"grouped_mm_{kind}", "dtype": dt, "config": config_id(cfg), "arch": f"sm_{cc}",
+                           "shared_bytes": k.metadata.shared}  # fmt: skip
+                    if cuobjdump:
+                        path = os.path.join(tmp, "k.cubin")
+                        with open(path, "wb") as f:
+                            f.write(k.asm["cubin"])
+                        rec.update(analyze_cubin(path, cuobjdump))
+                    records.append(rec)
+    return records
+
+
+def table(records: list[dict]) -> str:
+    cols = ["kernel", "dtype", "config", "dot", "arch", "n_regs", "n_spills", "shared_bytes", "wgmma", "mma", "tma",
+            "ldl", "stl"]  # fmt: skip
+    cols = [c for c in cols if any(c in r for r in records)]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in records:
+        lines.append("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.kernels", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    p.add_argument("--arch", choices=["sm_80", "sm_90"], default="sm_90", help="target architecture")
+    p.add_argument("--json", metavar="PATH", help="write the records here as JSON")
+    p.add_argument("--limit", type=int, default=None, help="at most this many configs per kernel and dtype")
+    args = p.parse_args(argv)
+    if find_cuobjdump() is None:
+        print("bench.kernels: no cuobjdump (CUDA toolkit or Triton's wheel): registers and SASS counts are missing",
+              file=sys.stderr)  # fmt: skip
+    records = aot_records(int(args.arch[3:]), limit=args.limit)
+    print(table(records))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(records, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
