@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.moe-kernels-deps
 TORCH  ?= torch==2.14.1
 export MAX_JOBS ?= 2
 
-.PHONY: all venv build test test-asan bench demo info lint sdist-check clean
+.PHONY: all venv build test test-asan bench gpu-check demo info lint sdist-check clean
 
 all: test
 
@@ -46,6 +46,18 @@ test-asan: $(STAMP)
 
 bench: build
 	$(PY) -m bench
+
+# The prepared GPU check (bench/gpu_check.py, docs/gpu-check.md). On a machine with a CUDA GPU it
+# runs with that machine's own python3 (nothing installed) and builds _C in place for sm_90a;
+# without one it is a dry run in .venv (make test runs that too). Results: $(GPU_CHECK_OUT).
+GPU_CHECK_OUT ?= out/gpu
+gpu-check:
+	@if python3 -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then \
+		GPU_CHECK_COMMIT="$${GPU_CHECK_COMMIT:-$$(git rev-parse HEAD 2>/dev/null)}" \
+			python3 -m bench.gpu_check --out "$(GPU_CHECK_OUT)"; \
+	else \
+		$(MAKE) --no-print-directory build && $(PY) -m bench.gpu_check --dry-run --out "$(GPU_CHECK_OUT)"; \
+	fi
 
 # Dense ViT vs V-MoE vs Mobile V-MoE on the embedded digits data (about 15 min on 2 cores).
 demo: build

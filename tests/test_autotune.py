@@ -122,7 +122,8 @@ def test_bad_pin_names_the_variable(recorders, monkeypatch, value, match):
 
 
 def test_pin_modes():
-    assert _config.parse_config("128x256x64:8:3").kwargs == {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}
+    cfg = _config.parse_config("128x256x64:8:3")
+    assert cfg.kwargs == {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}
     env = os.environ.get(_config.PIN_ENV)
     try:
         os.environ[_config.PIN_ENV] = "autotune"

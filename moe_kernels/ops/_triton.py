@@ -23,9 +23,9 @@ from torch import Tensor
 
 from moe_kernels import reference
 from moe_kernels.kernels import _config
+from moe_kernels.kernels import grouped_mm as _gm
 from moe_kernels.kernels.gather import _combine_kernel, _combine_weights_grad_kernel, _dispatch_kernel
 from moe_kernels.kernels.gating import _topk_softmax_backward_kernel, _topk_softmax_kernel
-from moe_kernels.kernels import grouped_mm as _gm
 from moe_kernels.kernels.routing import _routing_histogram_kernel, _routing_positions_kernel
 
 _OPS = (
