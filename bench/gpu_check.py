@@ -6,7 +6,7 @@ Run from the repository root on a machine with a CUDA GPU, with that machine's o
     GPU_CHECK_OUT=out/gpu make gpu-check        # python3 -m bench.gpu_check --out out/gpu
 
 Each stage runs in a child process under a timeout (the stage's cap, shortened so the whole
-check ends within ``--budget`` seconds, 530 by default) and writes its JSON before the next
+check ends within ``--budget`` seconds, 540 by default) and writes its JSON before the next
 starts; ``summary.md`` is rewritten after every stage, so a check cut short still reports what
 it measured. At most 8 files land in the output folder (what a GPU machine of this workplace
 returns): ``summary.md``, ``log.txt``, ``facts.json``, ``build.json``, ``tests.json`` (both test
@@ -19,14 +19,14 @@ Stages (in order):
                from torch's)
   triton_tests tests/test_gpu.py (every op and backend against the reference, the whole
                layer under sync debug mode "error"), pinned configs to bound compile time
-  introspect   every kernel the tests compiled: registers, spills, shared memory, wgmma and
-               TMA instruction counts (bench/kernels.py, from the cubins)
   microbench   triton.testing.do_bench, autotuned: grouped GEMM forward, dX and weight
                gradient vs torch._grouped_mm, a padded torch.bmm and a dense torch.mm of the
                same FLOPs; dispatch/combine GB/s vs a copy of the same bytes
   layer        a MoEMlp training step (fwd+bwd, bf16 autocast) at the V-MoE-S/32 and B/16
                group shapes and an LLM-like shape vs a dense MLP of the same active FLOPs,
                with a profiler top-15 kernel table
+  introspect   every kernel compiled so far (tests, autotune candidates): registers, spills,
+               shared memory, wgmma and TMA instruction counts (bench/kernels.py, from cubins)
   cuda_tests   tests/test_gpu_cuda.py in a process of its own, the device-trap test, and the
                whole-layer tests again with the CUDA library loaded (needs the build)
 
@@ -58,14 +58,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = [
     ("facts", 45, "versions, device facts, copy bandwidth and bf16 matmul rate"),
     ("build", 300, "moe_kernels._C for sm_90a, 16 jobs (background, during triton_tests)"),
-    ("triton_tests", 170, "pytest tests/test_gpu.py, pinned Triton configs"),
-    ("introspect", 45, "registers, spills, shared memory, wgmma/TMA of every compiled kernel"),
-    ("microbench", 120, "grouped GEMM fwd/dX/wgrad and dispatch/combine vs torch (do_bench)"),
-    ("layer", 150, "MoEMlp training step (bf16 autocast) vs a dense MLP, profiler top-15"),
-    ("cuda_tests", 120, "tests/test_gpu_cuda.py in its own process, trap test, layer tests on _C"),
+    ("triton_tests", 150, "pytest tests/test_gpu.py, pinned Triton configs"),
+    ("microbench", 100, "grouped GEMM fwd/dX/wgrad and dispatch/combine vs torch (do_bench)"),
+    ("layer", 140, "MoEMlp training step (bf16 autocast) vs a dense MLP, profiler top-15"),
+    ("introspect", 45, "registers, spills, shared memory, wgmma/TMA of every kernel compiled so far"),
+    ("cuda_tests", 100, "tests/test_gpu_cuda.py in its own process, trap test, cuda ops and layer on _C"),
 ]
 # Seconds kept back for each later stage, so one slow stage cannot starve the rest.
-RESERVE = {"triton_tests": 60, "introspect": 20, "microbench": 60, "layer": 80, "cuda_tests": 60}
+RESERVE = {"triton_tests": 60, "microbench": 60, "layer": 80, "introspect": 25, "cuda_tests": 70}
 
 
 # ============================================================================ orchestration
@@ -165,11 +165,11 @@ class Check:
             self.run_stage("build")
         pinned = {**self.env, "MOE_KERNELS_TRITON_CONFIG": "first"}
         self.run_stage("triton_tests", env=pinned)
-        self.run_stage("introspect")
-        if build is not None:  # timed stages run alone: wait for the build first
+        if not self.dry_run:  # timed stages run alone: wait for the build first
             self.record("build", self._finish_build(build, build_t0, build_log))
         self.run_stage("microbench")
         self.run_stage("layer")
+        self.run_stage("introspect")
         self.run_stage("cuda_tests", env=pinned)
         total = _now() - self.t0
         print(f"gpu-check finished in {total:.0f} s; summary: {os.path.join(self.out, 'summary.md')}")
@@ -190,9 +190,15 @@ class Check:
         return proc, log
 
     def _finish_build(self, build, t0: float, log_path: str) -> dict:
+        with open(os.path.join(self.work, "build_decision.json")) as f:
+            decision = json.load(f)
+        if build is None:
+            _write_json(self.out, "build", {**decision, "rc": None})
+            return {"rc": 0, "seconds": 0, "skipped": decision["reason"]}
         proc, log = build
         cap = dict((n, c) for n, c, _ in STAGES)["build"]
-        left = max(5.0, min(cap - (_now() - t0), self.remaining() - 100))
+        later = sum(RESERVE[n] for n in ("microbench", "layer", "introspect", "cuda_tests"))
+        left = max(5.0, min(cap - (_now() - t0), self.remaining() - later))
         try:
             rc = proc.wait(timeout=left)
             timed_out = False
@@ -201,8 +207,6 @@ class Check:
             rc = proc.wait()
             timed_out = True
         log.close()
-        with open(os.path.join(self.work, "build_decision.json")) as f:
-            decision = json.load(f)
         res = {"rc": rc, "seconds": round(_now() - t0, 1), "timed_out": timed_out, "timeout": cap}
         _write_json(self.out, "build", {**decision, **res, "log_tail": _tail(log_path, 3000)})
         return res
@@ -431,8 +435,12 @@ def stage_introspect(args) -> None:
         const.update(INPUT_PRECISION="tf32", DOT_FP32=False, **cfg.kwargs)
         kernels.compile_kernel(fn, 90, sig, const, div, cfg.num_warps, cfg.num_stages)
         note = "dry run: one grouped GEMM compiled ahead of time for sm_90"
-    records = kernels.scan_cache(cache)
-    _write_json(args.out, "introspect", {"cuobjdump": kernels.find_cuobjdump(), "note": note, "kernels": records})
+    records = []
+    out = {"cuobjdump": kernels.find_cuobjdump(), "note": note, "kernels": records}
+    for rec in kernels.scan_cache(cache):  # the grouped GEMMs first; flushed after each kernel
+        records.append(rec)
+        _write_json(args.out, "introspect", out)
+    _write_json(args.out, "introspect", out)
     print(kernels.table(records))
 
 
@@ -714,7 +722,13 @@ def write_summary(out: str, status: dict, dry_run: bool) -> None:
         parts.append(_tests_md(f"CUDA library: {k}", v))
     intro = _read_json(out, "introspect")
     if intro:
-        recs = [r for r in intro.get("kernels", []) if "grouped_mm" in r.get("kernel", "")] or intro.get("kernels", [])
+        recs, seen = [], set()
+        kernels = intro.get("kernels", [])
+        for r in [r for r in kernels if "grouped_mm" in r.get("kernel", "")] or kernels:
+            key = tuple(r.get(k) for k in ("kernel", "dot", "config", "n_regs", "n_spills", "shared_bytes"))
+            if key not in seen:  # one row per distinct compiled variant
+                seen.add(key)
+                recs.append(r)
         parts += ["## Compiled kernels (grouped GEMMs)", "",
                   _md_table(recs, ["kernel", "dot", "config", "arch", "n_regs", "n_spills", "shared_bytes", "wgmma",
                                    "mma", "tma", "ldl", "stl"]),  # fmt: skip
@@ -753,7 +767,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=os.environ.get("GPU_CHECK_OUT") or "out/gpu", help="results folder")
     p.add_argument("--work", default=os.environ.get("GPU_CHECK_WORK") or "/tmp/moe-kernels-gpu-check",
                    help="scratch folder (logs, Triton cache, junit files); not returned")  # fmt: skip
-    p.add_argument("--budget", type=float, default=float(os.environ.get("GPU_CHECK_BUDGET", 530)),
+    p.add_argument("--budget", type=float, default=float(os.environ.get("GPU_CHECK_BUDGET", 540)),
                    help="seconds the whole check may take")  # fmt: skip
     p.add_argument("--dry-run", action="store_true", help="no GPU: run every stage's CPU code path")
     p.add_argument("--stage", choices=list(STAGE_FNS), help=argparse.SUPPRESS)

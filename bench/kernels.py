@@ -68,11 +68,12 @@ def dot_tile(ttir: str) -> str | None:
     return None if m is None else f"{m.group(1)}x{m.group(5)}x{m.group(2)} {m.group(3)}"
 
 
-def scan_cache(cache_dir: str, cuobjdump: str | None = None) -> list[dict]:
-    """One record per kernel compiled into the Triton cache ``cache_dir``."""
+def scan_cache(cache_dir: str, cuobjdump: str | None = None):
+    """Yields one record per kernel compiled into the Triton cache ``cache_dir``, the grouped
+    GEMMs first."""
     cuobjdump = cuobjdump or find_cuobjdump()
-    records = []
-    for meta_path in sorted(glob.glob(os.path.join(cache_dir, "*", "*.json"))):
+    paths = sorted(glob.glob(os.path.join(cache_dir, "*", "*.json")), key=lambda p: ("grouped_mm" not in p, p))
+    for meta_path in paths:
         if os.path.basename(meta_path).startswith("__grp__"):
             continue
         stem = meta_path[: -len(".json")]
@@ -90,8 +91,7 @@ def scan_cache(cache_dir: str, cuobjdump: str | None = None) -> list[dict]:
         }
         if cuobjdump:
             rec.update(analyze_cubin(stem + ".cubin", cuobjdump))
-        records.append(rec)
-    return records
+        yield rec
 
 
 # ---------------------------------------------------------------- ahead-of-time compilation
