@@ -1,7 +1,7 @@
 """moe_kernels: fast Mixture-of-Experts layers for vision transformers.
 
 Functional API: ``compute_capacity``, ``topk_softmax``, ``make_routing``,
-``dispatch``, ``combine``, ``grouped_mm`` and ``losses``. Modules: ``MoEMlp``, the routers of
+``dispatch``, ``combine``, ``grouped_mm`` and ``losses``. Modules: ``MoEMlp``, ``SoftMoEMlp``, the routers of
 ``routers``; ``moeify`` and ``aux_loss`` for whole models; ``distributed`` for expert
 parallelism. Every tensor op is a ``torch.library`` custom op in the ``moe_kernels`` namespace,
 runnable by several backends (``backends``).
@@ -12,6 +12,7 @@ from moe_kernels.convert import aux_loss, moeify
 from moe_kernels.layers import MoEMlp
 from moe_kernels.ops import Routing, combine, compute_capacity, dispatch, grouped_mm, make_routing, topk_softmax
 from moe_kernels.routers import ExpertChoiceRouter, NoisyTopKRouter, PerImageRouter, RouterOutput
+from moe_kernels.soft_moe import SoftMoEMlp
 
 __version__ = "0.1.0"
 
@@ -22,6 +23,7 @@ __all__ = [
     "PerImageRouter",
     "RouterOutput",
     "Routing",
+    "SoftMoEMlp",
     "aux_loss",
     "backends",
     "combine",

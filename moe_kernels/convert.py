@@ -11,20 +11,23 @@ import torch
 from torch import Tensor, nn
 
 from moe_kernels.layers import MoEMlp
+from moe_kernels.soft_moe import SoftMoEMlp
 
 __all__ = ["aux_loss", "find_blocks", "moe_layer_indices", "moeify"]
 
 _SPEC = re.compile(r"^(every|last)-([1-9][0-9]*)$")
+# The moeify keywords SoftMoEMlp takes (besides router="soft").
+_SOFT_KWARGS = {"num_slots", "capacity_factor", "group_size", "noise_std", "backend"}
 
 
 def find_blocks(model: nn.Module) -> list[nn.Module]:
     """The model's transformer blocks, in order: every submodule with an ``.mlp`` that has
-    ``fc1`` and ``fc2`` (or is already an ``MoEMlp``). For a timm ``VisionTransformer`` this is
-    ``model.blocks``."""
+    ``fc1`` and ``fc2`` (or is already an ``MoEMlp`` or ``SoftMoEMlp``). For a timm
+    ``VisionTransformer`` this is ``model.blocks``."""
     blocks = []
     for module in model.modules():
         mlp = getattr(module, "mlp", None)
-        if isinstance(mlp, MoEMlp) or (
+        if isinstance(mlp, (MoEMlp, SoftMoEMlp)) or (
             isinstance(mlp, nn.Module)
             and isinstance(getattr(mlp, "fc1", None), nn.Module)
             and isinstance(getattr(mlp, "fc2", None), nn.Module)
@@ -66,7 +69,7 @@ def moe_layer_indices(layers: str | Sequence[int], num_blocks: int) -> list[int]
 
 
 @torch.no_grad()
-def _upcycle(mlp: nn.Module, num_experts: int, kw: dict) -> MoEMlp:
+def _upcycle(mlp: nn.Module, num_experts: int, kw: dict) -> MoEMlp | SoftMoEMlp:
     fc1, fc2 = mlp.fc1, mlp.fc2
     if not (isinstance(fc1, nn.Linear) and isinstance(fc2, nn.Linear)):
         raise TypeError(
@@ -77,7 +80,14 @@ def _upcycle(mlp: nn.Module, num_experts: int, kw: dict) -> MoEMlp:
             f"moeify: {type(mlp).__name__} is not a plain fc1 -> act -> fc2 MLP (gated MLPs are not supported)"
         )
     w = fc1.weight
-    layer = MoEMlp(
+    kw = dict(kw)
+    cls = SoftMoEMlp if kw.get("router") == "soft" else MoEMlp
+    if cls is SoftMoEMlp:
+        kw.pop("router")
+        unknown = sorted(set(kw) - _SOFT_KWARGS)
+        if unknown:
+            raise ValueError(f"moeify: router='soft' takes {sorted(_SOFT_KWARGS)}, not {unknown}")
+    layer = cls(
         fc1.in_features,
         fc1.out_features,
         fc2.out_features,
@@ -118,6 +128,9 @@ def moeify(model: nn.Module, layers: str | Sequence[int] = "every-2", *, num_exp
             groups of whole images that follow the batch size, ``group_size``, ...);
             ``process_group=`` shards the experts over its ranks (each layer keeps its rank's
             copies; load a single-process checkpoint with ``distributed.load_sharded``).
+            ``router="soft"`` builds ``SoftMoEMlp`` layers instead, which take only
+            ``num_slots``, ``capacity_factor``, ``group_size``, ``noise_std`` and ``backend``
+            (one group per image of a ``[B, N, D]`` input unless ``group_size`` is given).
 
     Returns:
         ``model``.
@@ -127,18 +140,19 @@ def moeify(model: nn.Module, layers: str | Sequence[int] = "every-2", *, num_exp
         raise ValueError(f"moeify: {type(model).__name__} has no blocks with an .mlp that has fc1 and fc2")
     for i in moe_layer_indices(layers, len(blocks)):
         block = blocks[i]
-        if isinstance(block.mlp, MoEMlp):
-            raise ValueError(f"moeify: block {i} already has an MoEMlp")
+        if isinstance(block.mlp, (MoEMlp, SoftMoEMlp)):
+            raise ValueError(f"moeify: block {i} already has an {type(block.mlp).__name__}")
         block.mlp = _upcycle(block.mlp, num_experts, kwargs)
     return model
 
 
 def aux_loss(model: nn.Module) -> Tensor:
-    """Sum of the auxiliary losses of every ``MoEMlp``'s last forward (a 0-dim fp32 tensor;
-    0 when there is none). Add it to the task loss: ``loss = ce + mk.aux_loss(model)``."""
+    """Sum of the auxiliary losses of every ``MoEMlp``'s (and ``SoftMoEMlp``'s: zero) last
+    forward (a 0-dim fp32 tensor; 0 when there is none). Add it to the task loss:
+    ``loss = ce + mk.aux_loss(model)``."""
     total: Tensor | None = None
     for m in model.modules():
-        if isinstance(m, MoEMlp) and m.aux_loss is not None:
+        if isinstance(m, (MoEMlp, SoftMoEMlp)) and m.aux_loss is not None:
             total = m.aux_loss if total is None else total + m.aux_loss
     if total is None:
         p = next(model.parameters(), None)
