@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from moe_kernels.ops import gelu_grouped_mm, grouped_mm
-from moe_kernels.routers import _check_factor, _logits
+from moe_kernels.routers import _logits
 
 __all__ = ["SoftMoEMlp", "SoftRouter", "num_slots_for"]
 
@@ -228,7 +228,9 @@ class SoftMoEMlp(nn.Module):
             _check_int(name, v)
         _check_int("num_slots", num_slots, allow_none=True)
         _check_int("group_size", group_size, allow_none=True)
-        capacity_factor = _check_factor("SoftMoEMlp: capacity_factor", capacity_factor, allow_none=False)
+        c_ok = isinstance(capacity_factor, (int, float)) and not isinstance(capacity_factor, bool)
+        if not (c_ok and capacity_factor > 0):  # NaN fails too
+            raise ValueError(f"SoftMoEMlp: capacity_factor must be a number > 0, got {capacity_factor!r}")
         if isinstance(noise_std, bool) or not isinstance(noise_std, (int, float)) or not noise_std >= 0:
             raise ValueError(f"SoftMoEMlp: noise_std must be a number >= 0, got {noise_std!r}")
         if num_slots is None:
