@@ -2,7 +2,7 @@
 
 Functional API: ``compute_capacity``, ``topk_softmax``, ``make_routing``,
 ``dispatch``, ``combine``, ``grouped_mm`` and ``losses``. Modules: ``MoEMlp``, ``SoftMoEMlp``, the routers of
-``routers``; ``moeify`` and ``aux_loss`` for whole models; ``distributed`` for expert
+``routers``; ``moeify``, ``aux_loss`` and ``routing_stats`` for whole models; ``distributed`` for expert
 parallelism. Every tensor op is a ``torch.library`` custom op in the ``moe_kernels`` namespace,
 runnable by several backends (``backends``).
 """
@@ -13,6 +13,7 @@ from moe_kernels.layers import MoEMlp
 from moe_kernels.ops import Routing, combine, compute_capacity, dispatch, grouped_mm, make_routing, topk_softmax
 from moe_kernels.routers import ExpertChoiceRouter, NoisyTopKRouter, PerImageRouter, RouterOutput
 from moe_kernels.soft_moe import SoftMoEMlp
+from moe_kernels.stats import RoutingStats, routing_stats
 
 __version__ = "0.1.0"
 
@@ -23,6 +24,7 @@ __all__ = [
     "PerImageRouter",
     "RouterOutput",
     "Routing",
+    "RoutingStats",
     "SoftMoEMlp",
     "aux_loss",
     "backends",
@@ -36,5 +38,6 @@ __all__ = [
     "moeify",
     "reference",
     "routers",
+    "routing_stats",
     "topk_softmax",
 ]
