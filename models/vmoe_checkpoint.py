@@ -70,7 +70,10 @@ __all__ = [
     "state_dict_from_flax",
 ]
 
-_VERSIONS = (None, "20220622")  # vmoe.checkpoints.partitioned.Version
+# vmoe.checkpoints.partitioned.Version. Before 20220622 (None) the shards number the arrays in
+# the order of jax.tree_leaves of the saved tree, not of its state dict; for a tree of dicts
+# (parameters: no lists) both are the sorted-key order this reader uses.
+_VERSIONS = (None, "20220622")
 _ARRAY_CHUNKS_KEY = "__msgpack_array_chunk_a87ca2__"
 _FLAX_CHUNKED_KEY = "__msgpack_chunked_array__"
 # msgpack extension type codes of vmoe.checkpoints.serialization (flax's 1-3 plus vmoe's).
