@@ -59,7 +59,8 @@ def _worker(rank: int, W: int, port: int, cfg: dict, out_path: str) -> None:
 
     import moe_kernels as mk
     from bench.measure import peak_memory_mb
-    from moe_kernels.distributed import _exchange_plan, all_to_all, load_sharded
+    from moe_kernels.distributed import load_sharded
+    from moe_kernels.expert_parallel import _exchange_plan, all_to_all
 
     torch.set_num_threads(1)  # W processes share the cores
     dist.init_process_group(
@@ -75,7 +76,7 @@ def _worker(rank: int, W: int, port: int, cfg: dict, out_path: str) -> None:
         load_sharded(ep, local.state_dict())
         x = torch.randn(T, D, generator=torch.Generator().manual_seed(rank)).requires_grad_(True)
         grad = torch.randn(T, D, generator=torch.Generator().manual_seed(10 + rank))
-        routing = local.router(x.detach(), capacity_factor=cfg["capacity_factor"]).routing
+        routing = local.router(x.detach(), capacity_factor=cfg["capacity_factor"]).plan
         counts = routing.counts
         plan = _exchange_plan(counts, W, dist.group.WORLD)
         N, M = sum(plan.send_splits), sum(plan.recv_splits)

@@ -600,7 +600,7 @@ def stage_layer(args) -> None:
         x = torch.randn(T, D, device=device, requires_grad=True)
         gy = torch.randn(T, D, device=device)
         with torch.no_grad():
-            plan = layer.router(x, capacity_factor=layer.current_capacity_factor(), group_size=c["S"]).routing
+            plan = layer.router(x, capacity_factor=layer.current_capacity_factor(), group_size=c["S"]).plan
             kept = int(plan.counts.sum())  # rows the experts really compute (a sync, outside timing)
         dense = nn.Sequential(nn.Linear(D, H), nn.GELU(), nn.Linear(H, D)).to(device)
         xd = torch.randn(kept, D, device=device, requires_grad=True)

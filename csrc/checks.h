@@ -4,8 +4,11 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <sstream>
 #include <string>
+
+#include "moe_kernels/routing_logic.h"
 
 namespace moek {
 
@@ -35,6 +38,19 @@ inline void check_same_device(const char* op, const char* name_a, const at::Tens
                               const at::Tensor& b) {
   TORCH_CHECK(a.device() == b.device(), "moe_kernels::", op, ": ", name_a, " and ", name_b,
               " must be on one device, got ", a.device(), " and ", b.device());
+}
+
+// logits [T, E] and k of the gating ops: E <= kMaxExperts, k <= min(E, kMaxK) (the limits of
+// routing_logic.h; moe_kernels/ops/topk_softmax.py checks the same, tests/test_backends.py that
+// they agree). Device checks stay with the caller.
+inline void check_gating(const char* op, const at::Tensor& logits, int64_t k) {
+  check_dim(op, "logits", logits, 2);
+  check_float_tensor(op, "logits", logits);
+  const int64_t E = logits.size(1);
+  TORCH_CHECK(E >= 1 && E <= kMaxExperts, "moe_kernels::", op, ": logits.shape[1] (experts) must be in [1, ",
+              kMaxExperts, "], got ", E);
+  TORCH_CHECK(k >= 1 && k <= std::min<int64_t>(E, kMaxK), "moe_kernels::", op, ": k must be in [1, min(E=", E,
+              ", ", kMaxK, ")], got ", k);
 }
 
 // The dtype routing math and accumulations run in: fp32, or fp64 for fp64 inputs.

@@ -10,10 +10,15 @@ Backends, in the order ``auto`` tries them:
 ``MOE_KERNELS_BACKEND=auto|cuda|triton|cpu|torch`` (or a layer's ``backend=`` argument, which
 wins over the variable) picks one. ``auto`` falls back quietly; a named backend that cannot run
 a call raises a ``RuntimeError`` listing why.
+
+Each backend module declares what it supports (``SUPPORTS[name]``, a ``Support``: devices,
+ops, dtypes, the fp64 rule, fused bias, preconditions); this module reads the declarations and
+decides, and no op or kernel module makes a backend decision of its own.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import os
@@ -22,13 +27,12 @@ from types import ModuleType
 
 import torch
 
-from moe_kernels import _ext
-
 ENV_VAR = "MOE_KERNELS_BACKEND"
 BACKENDS = ("cuda", "triton", "cpu", "torch")
 CHOICES = ("auto",) + BACKENDS
 
-# Every backend module implements these names with the signatures of moe_kernels.reference.
+# The one list of ops: every backend module implements these names with the signatures of
+# moe_kernels.reference (csrc/registration.cpp registers the same names; a test checks).
 OPS = (
     "topk_softmax",
     "topk_softmax_backward",
@@ -40,12 +44,38 @@ OPS = (
     "grouped_mm_weight_grad",
 )
 
+# Where each backend's implementations live; each module declares ``SUPPORTS[name]``.
 _MODULES = {
     "torch": "moe_kernels.reference",
     "cpu": "moe_kernels.ops._cpp",
     "cuda": "moe_kernels.ops._cpp",
     "triton": "moe_kernels.ops._triton",
 }
+
+
+_DEVICE_NAMES = {"cuda": "CUDA", "cpu": "CPU"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Support:
+    """What one backend declares it can run; ``not_supported_reasons`` reads nothing else.
+
+    Attributes:
+        devices: device types of the tensors it runs on (empty: any device).
+        ops: the ops it has kernels for (a callable: a compiled library knows at run time).
+        dtypes: float dtypes its kernels compute in.
+        fp64: ``"native"``, or ``"reference"``: fp64 calls (gradcheck) run the reference.
+        fused_bias: its ``grouped_mm`` adds the per-expert bias itself.
+        requirements: ``requirements(device) -> reasons`` for preconditions beyond the device
+            type (a library that did not load, an interpreter that is off).
+    """
+
+    devices: tuple[str, ...]
+    ops: Callable[[], tuple[str, ...]] = lambda: OPS
+    dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+    fp64: str = "native"
+    fused_bias: bool = True
+    requirements: Callable[[torch.device], list[str]] = lambda device: []
 
 
 def requested_backend(backend: str | None = None) -> str:
@@ -62,42 +92,39 @@ def _module(backend: str) -> ModuleType | str:
     """The backend's implementation module, or the reason it cannot be imported."""
     try:
         return importlib.import_module(_MODULES[backend])
-    except Exception as exc:  # e.g. triton missing
+    except Exception as exc:  # e.g. triton missing, moe_kernels._C not loaded
         return f"{type(exc).__name__}: {exc}"
 
 
-def _triton_interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+def support(backend: str) -> Support | str:
+    """``backend``'s declaration, or the reason its module cannot be imported."""
+    mod = _module(backend)
+    return mod if isinstance(mod, str) else mod.SUPPORTS[backend]
 
 
-def not_supported_reasons(backend: str, op: str, device: torch.device) -> list[str]:
-    """Why ``backend`` cannot run ``op`` on tensors of ``device`` (empty when it can)."""
-    reasons: list[str] = []
-    if backend == "torch":
-        return reasons
-    if backend in ("cpu", "cuda") and not _ext.LOADED:
-        reasons.append(f"moe_kernels._C did not load ({_ext.LOAD_ERROR})")
-    if backend == "cpu" and device.type != "cpu":
-        reasons.append(f"the cpu backend needs CPU tensors, got {device.type}")
-    if backend == "cuda":
-        if device.type != "cuda":
-            reasons.append(f"the cuda backend needs CUDA tensors, got {device.type}")
-        if _ext.LOADED and not _ext.cuda_kernels_built():
-            reasons.append("moe_kernels._C was built without CUDA kernels (MOE_KERNELS_BUILD_CUDA=0 or no nvcc)")
-    if backend == "triton":
-        if device.type == "cpu" and not _triton_interpret():
-            reasons.append("triton needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1)")
-        elif device.type not in ("cpu", "cuda"):
-            reasons.append(f"triton does not run on {device.type} tensors")
-    if not reasons:
-        mod = _module(backend)
-        if isinstance(mod, str):
-            reasons.append(f"cannot import {_MODULES[backend]} ({mod})")
-        else:
-            supported = mod.supported_ops(device) if hasattr(mod, "supported_ops") else OPS
-            if op not in supported:
-                reasons.append(f"{backend} has no {op} kernel for {device.type} tensors")
+def not_supported_reasons(
+    backend: str, op: str, device: torch.device, dtype: torch.dtype | None = None
+) -> list[str]:
+    """Why ``backend`` cannot run ``op`` on tensors of ``device`` (and ``dtype``, the dtype of
+    the op's float data, when given); empty when it can."""
+    sup = support(backend)
+    if isinstance(sup, str):
+        return [f"cannot import {_MODULES[backend]} ({sup})"]
+    if sup.devices and device.type not in sup.devices:
+        needs = " or ".join(_DEVICE_NAMES.get(d, d) for d in sup.devices)
+        return [f"the {backend} backend needs {needs} tensors, got {device.type}"]
+    reasons = list(sup.requirements(device))
+    if not reasons and op not in sup.ops():
+        reasons.append(f"{backend} has no {op} kernel for {device.type} tensors")
+    if not reasons and dtype is not None and dtype not in sup.dtypes and not _fp64_to_reference(sup, dtype):
+        reasons.append(f"{backend} does not compute in {str(dtype).replace('torch.', '')}")
     return reasons
+
+
+def _fp64_to_reference(sup: Support, dtype: torch.dtype | None) -> bool:
+    # The declared fp64 rule: kernels that accumulate in fp32 hand fp64 calls (gradcheck) to
+    # the reference rather than silently computing them in fp32.
+    return dtype == torch.float64 and sup.fp64 == "reference"
 
 
 def _auto_order(op: str, device: torch.device) -> tuple[str, ...]:
@@ -109,34 +136,48 @@ def _auto_order(op: str, device: torch.device) -> tuple[str, ...]:
 
 
 @functools.cache
-def _choose(op: str, backend: str, device: torch.device) -> tuple[str, Callable]:
+def _choose(op: str, backend: str, device: torch.device, dtype: torch.dtype | None) -> tuple[str, Callable]:
     if backend == "auto":
         for name in _auto_order(op, device):
-            if not not_supported_reasons(name, op, device):
-                return name, getattr(_module(name), op)
+            if not not_supported_reasons(name, op, device, dtype):
+                return _resolve(name, op, dtype)
         raise AssertionError("unreachable: the torch backend supports every op")
-    reasons = not_supported_reasons(backend, op, device)
+    reasons = not_supported_reasons(backend, op, device, dtype)
     if reasons:
         raise RuntimeError(
             f"moe_kernels: backend {backend!r} cannot run {op} on {device.type} tensors: " + "; ".join(reasons)
         )
+    return _resolve(backend, op, dtype)
+
+
+def _resolve(backend: str, op: str, dtype: torch.dtype | None) -> tuple[str, Callable]:
+    if _fp64_to_reference(support(backend), dtype):
+        return "torch", getattr(_module("torch"), op)
     return backend, getattr(_module(backend), op)
 
 
-def choose(op: str, backend: str, device: torch.device) -> tuple[str, Callable]:
+def choose(op: str, backend: str, device: torch.device, dtype: torch.dtype | None = None) -> tuple[str, Callable]:
     """``(name, implementation)`` of the backend that runs ``op`` for tensors on ``device``.
 
     Args:
         op: one of ``OPS``.
         backend: ``auto`` or a name of ``BACKENDS`` (already resolved by ``requested_backend``).
         device: the device of the call's tensors.
+        dtype: the dtype of the call's float data (``None`` for integer-only ops): fp64 runs the
+            reference on backends that declare so (``name`` is then ``"torch"``).
     """
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     if os.environ.get("TRITON_INTERPRET") is not None:
         # Tests flip the interpreter on and off within one process.
         _choose.cache_clear()
-    return _choose(op, backend, device)
+    return _choose(op, backend, device, dtype)
+
+
+def fuses_bias(backend: str) -> bool:
+    """Whether ``backend``'s grouped GEMM adds the per-expert bias itself (its declaration)."""
+    sup = support(backend)
+    return not isinstance(sup, str) and sup.fused_bias
 
 
 def available(device: torch.device | str = "cpu") -> dict[str, list[str]]:

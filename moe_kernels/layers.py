@@ -29,14 +29,10 @@ import math
 import torch
 from torch import Tensor, nn
 
-from moe_kernels import distributed
+from moe_kernels import expert_parallel
 from moe_kernels.ops import Routing, combine, dispatch, gelu_grouped_mm, grouped_mm
-from moe_kernels.routers import (
-    ExpertChoiceRouter,
-    NoisyTopKRouter,
-    RouterOutput,
-    _check_factor,
-)
+from moe_kernels.routers import ExpertChoiceRouter, NoisyTopKRouter, RouterOutput
+from moe_kernels.validation import check_int_in, check_positive_int, check_positive_number
 
 __all__ = ["MoEMlp", "ROUTERS", "images_per_group"]
 
@@ -52,8 +48,7 @@ def images_per_group(batch: int, group_images: int) -> int:
 
 
 def _check_group_size(name: str, v) -> None:
-    if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-        raise ValueError(f"MoEMlp: {name} must be an int >= 1 or None, got {v!r}")
+    check_positive_int(f"MoEMlp: {name}", v, allow_none=True)
 
 
 def _pair(v):
@@ -115,6 +110,8 @@ class MoEMlp(nn.Module):
     """
 
     skip_empty_slots: bool = True
+    #: The parameters with one row per expert (sharded under expert parallelism).
+    EXPERT_PARAMETERS = ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")
 
     def __init__(
         self,
@@ -154,12 +151,10 @@ class MoEMlp(nn.Module):
             ("out_features", out_features),
             ("num_experts", num_experts),
         ):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"MoEMlp: {name} must be an int >= 1, got {v!r}")
+            check_positive_int(f"MoEMlp: {name}", v)
         if router not in ROUTERS:
             raise ValueError(f"MoEMlp: router must be one of {ROUTERS}, got {router!r}")
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= num_experts:
-            raise ValueError(f"MoEMlp: k must be an int in [1, num_experts={num_experts}], got {k!r}")
+        check_int_in("MoEMlp: k", k, 1, num_experts, f"num_experts={num_experts}")
         _check_group_size("group_size", group_size)
         _check_group_size("group_images", group_images)
         if group_size is not None and group_images is not None:
@@ -181,9 +176,10 @@ class MoEMlp(nn.Module):
         self.capacity_factor = capacity_factor
         self.eval_capacity_factor = eval_capacity_factor
         self.aux_loss: Tensor | None = None
+        self._last_routing: tuple | None = None  # see forward; moe_kernels.stats reads it
         self.process_group = process_group
         self.first_expert, self.num_local_experts = (
-            (0, num_experts) if process_group is None else distributed.local_experts(num_experts, process_group)
+            (0, num_experts) if process_group is None else expert_parallel.local_experts(num_experts, process_group)
         )
 
         if router == "vmoe":
@@ -227,7 +223,7 @@ class MoEMlp(nn.Module):
 
     @capacity_factor.setter
     def capacity_factor(self, value: float | None) -> None:
-        self._capacity_factor = _check_factor("MoEMlp: capacity_factor", value, allow_none=True)
+        self._capacity_factor = check_positive_number("MoEMlp: capacity_factor", value, allow_none=True)
 
     @property
     def eval_capacity_factor(self) -> float | None:
@@ -235,7 +231,7 @@ class MoEMlp(nn.Module):
 
     @eval_capacity_factor.setter
     def eval_capacity_factor(self, value: float | None) -> None:
-        self._eval_capacity_factor = _check_factor("MoEMlp: eval_capacity_factor", value, allow_none=True)
+        self._eval_capacity_factor = check_positive_number("MoEMlp: eval_capacity_factor", value, allow_none=True)
 
     def current_capacity_factor(self) -> float | None:
         """The factor this mode routes with: ``eval_capacity_factor`` in eval when set."""
@@ -317,15 +313,18 @@ class MoEMlp(nn.Module):
                 raise TypeError(
                     f"MoEMlp: routing must be a moe_kernels.routers.RouterOutput, got {type(routing).__name__}"
                 )
-            if routing.routing.num_tokens != T or routing.routing.num_experts != self.num_experts:
+            if routing.plan.num_tokens != T or routing.plan.num_experts != self.num_experts:
                 raise ValueError(
-                    f"MoEMlp: routing is for {routing.routing.num_tokens} tokens and {routing.routing.num_experts}"
+                    f"MoEMlp: routing is for {routing.plan.num_tokens} tokens and {routing.plan.num_experts}"
                     f" experts, the call has {T} tokens and the layer {self.num_experts} experts"
                 )
             self.aux_loss = x.new_zeros((), dtype=torch.float32)
             if T == 0:
                 return self._empty(x2, lead)
-        out = self.experts(x2, routing.routing, routing.weights)  # [T, Dout]
+        # For moe_kernels.routing_stats: device tensors of this routing, read only on demand.
+        p, w = routing.plan, routing.weights
+        self._last_routing = (p.indices, p.slot, w.detach(), routing.logits.detach(), p.capacity, p.num_groups)
+        out = self.experts(x2, routing.plan, routing.weights)  # [T, Dout]
         return out.reshape(*lead, self.out_features)
 
     def _check_dtype(self, x: Tensor) -> None:
@@ -406,7 +405,7 @@ class MoEMlp(nn.Module):
         return type(self.act) is nn.GELU and drop_off and type(self.norm) is nn.Identity
 
     def _expert_parallel(self, x: Tensor, routing: Routing | None, weights: Tensor | None) -> Tensor:
-        return distributed.expert_parallel(
+        return expert_parallel.expert_parallel(
             x.to(self._compute_dtype(x)),
             routing,
             weights,

@@ -10,9 +10,10 @@ Shape letters: S tokens of a group, E experts.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["cv_squared", "gshard_loss", "importance_loss", "load_loss"]
+__all__ = ["cv_squared", "gshard_loss", "importance_loss", "load_loss", "superclass_loss"]
 
 
 def _check(name: str, t: Tensor, fn: str) -> None:
@@ -75,3 +76,14 @@ def gshard_loss(probs: Tensor) -> Tensor:
     top1 = torch.nn.functional.one_hot(p.argmax(dim=-1), E).float()  # [..., S, E]
     per_group = (p.mean(dim=-2) * top1.mean(dim=-2)).mean(dim=-1) * E * E  # [...]
     return per_group.mean()
+
+
+def superclass_loss(logits: Tensor, superclass: Tensor, weight: float = 0.3) -> Tensor:
+    """Mobile V-MoE's super-class guidance: ``weight * cross_entropy(logits, superclass)``.
+
+    Args:
+        logits: ``[B, E]`` per-image router logits (``RouterOutput.logits``).
+        superclass: ``[B]`` int64 super-class of each image; super-class c is expert c.
+        weight: the loss weight (0.3 in the paper).
+    """
+    return weight * F.cross_entropy(logits.float(), superclass)

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from moe_kernels.backends import OPS, Support
+
 
 @contextlib.contextmanager
 def _one_thread():
@@ -51,16 +53,10 @@ def _up(t: Tensor) -> Tensor:
     return t.to(_acc(t.dtype))
 
 
-__all__ = [
-    "topk_softmax",
-    "topk_softmax_backward",
-    "make_routing",
-    "dispatch",
-    "combine",
-    "combine_weights_grad",
-    "grouped_mm",
-    "grouped_mm_weight_grad",
-]
+__all__ = list(OPS)
+
+# Every op, any device, every float dtype (fp64 natively): the fallback that always runs.
+SUPPORTS = {"torch": Support(devices=())}
 
 
 def topk_softmax(logits: Tensor, k: int, renormalize: bool) -> tuple[Tensor, Tensor]:

@@ -15,11 +15,12 @@ import contextlib
 import dataclasses
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moe_kernels import losses
+from moe_kernels.losses import superclass_loss  # noqa: F401  (its old home; losses.py owns it)
 from moe_kernels.ops import Routing, compute_capacity, grouped_mm, make_routing, topk_softmax
+from moe_kernels.validation import check_int_in, check_non_negative, check_positive_int, check_positive_number
 
 __all__ = [
     "ExpertChoiceRouter",
@@ -35,33 +36,34 @@ class RouterOutput:
     """What a router decided for one call.
 
     Attributes:
-        routing: the plan for the T tokens (``routing.num_tokens == T``).
-        weights: ``[T, K]`` combine weights (fp32), aligned with ``routing.indices``.
+        plan: the routing plan (a ``moe_kernels.Routing``) for the T tokens
+            (``plan.num_tokens == T``).
+        weights: ``[T, K]`` combine weights (fp32), aligned with ``plan.indices``.
         logits: clean router logits, fp32: ``[T, E]`` for token routers, ``[B, E]`` for the
             per-image router (the input of Mobile V-MoE's super-class cross-entropy).
         aux_loss: scalar fp32, the weighted sum of the router's auxiliary losses (0 if none).
     """
 
-    routing: Routing
+    plan: Routing
     weights: Tensor
     logits: Tensor
     aux_loss: Tensor
 
+    @property
+    def routing(self) -> Routing:
+        """The plan under its earlier name (``out.routing`` is ``out.plan``)."""
+        return self.plan
 
-def _check_factor(name: str, value: object, *, allow_none: bool) -> float | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"{name} must be a number > 0{' or None' if allow_none else ''}, got {value!r}")
-    return float(value)
+
+# Kept for code written against the old private name (validation.py owns the check).
+_check_factor = check_positive_number
 
 
 def _groups(num_tokens: int, group_size: int | None) -> int:
     """S, checked: group_size must divide the tokens of the call."""
     if group_size is None:
         return num_tokens
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-        raise ValueError(f"group_size must be an int >= 1 or None, got {group_size!r}")
+    check_positive_int("group_size", group_size, allow_none=True)
     if num_tokens % group_size != 0:
         raise ValueError(
             f"group_size={group_size} must divide the number of tokens of the call, got {num_tokens} tokens"
@@ -125,17 +127,14 @@ class NoisyTopKRouter(nn.Module):
     ) -> None:
         super().__init__()
         _check_sizes(in_features, num_experts)
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= num_experts:
-            raise ValueError(f"k must be an int in [1, num_experts={num_experts}], got {k!r}")
-        if not noise_std >= 0:
-            raise ValueError(f"noise_std must be >= 0, got {noise_std!r}")
+        check_int_in("k", k, 1, num_experts, f"num_experts={num_experts}")
+        check_non_negative("noise_std", noise_std)
         for name, w in (
             ("importance_weight", importance_weight),
             ("load_weight", load_weight),
             ("gshard_weight", gshard_weight),
         ):
-            if not w >= 0:
-                raise ValueError(f"{name} must be >= 0, got {w!r}")
+            check_non_negative(name, w)
         self.in_features = in_features
         self.num_experts = num_experts
         self.k = k
@@ -169,7 +168,7 @@ class NoisyTopKRouter(nn.Module):
         """
         T, E, K = x.shape[0], self.num_experts, self.k
         S = _groups(T, group_size)
-        capacity_factor = _check_factor("capacity_factor", capacity_factor, allow_none=True)
+        capacity_factor = check_positive_number("capacity_factor", capacity_factor, allow_none=True)
         logits = _logits(x, self.weight, backend=getattr(self, "backend", "auto"))  # [T, E]
         noisy = logits
         sigma = self.noise_std / E
@@ -217,8 +216,7 @@ class ExpertChoiceRouter(nn.Module):
     ) -> None:
         super().__init__()
         _check_sizes(in_features, num_experts)
-        if not noise_std >= 0:
-            raise ValueError(f"noise_std must be >= 0, got {noise_std!r}")
+        check_non_negative("noise_std", noise_std)
         self.in_features = in_features
         self.num_experts = num_experts
         self.noise_std = float(noise_std)
@@ -237,7 +235,7 @@ class ExpertChoiceRouter(nn.Module):
             raise ValueError(
                 "capacity_factor must be a number > 0 for the expert_choice router (it has no dropless mode)"
             )
-        capacity_factor = _check_factor("capacity_factor", capacity_factor, allow_none=False)
+        capacity_factor = check_positive_number("capacity_factor", capacity_factor)
         T, E = x.shape[0], self.num_experts
         S = _groups(T, group_size)
         G = T // S
@@ -267,17 +265,16 @@ def expert_choice_routing(probs: Tensor, capacity: int) -> Routing:
     T = G * S
     order = torch.sort(probs.transpose(1, 2), dim=-1, descending=True, stable=True).indices[..., :C]  # [G, E, C]
     g_idx = torch.arange(G, device=dev).view(G, 1, 1)  # [G, 1, 1]
-    e_idx = torch.arange(E, device=dev).view(1, E, 1)  # [1, E, 1]
     pos = g_idx * C + torch.arange(C, device=dev).view(1, 1, C)  # [G, 1, C] slot in the expert
     slot = torch.full((G, E, S), -1, dtype=torch.int64, device=dev)  # [G, E, S]
     slot = slot.scatter(2, order, pos.expand(G, E, C))  # [G, E, S]
     slot = slot.transpose(1, 2).reshape(T, E)  # [T, E]
-    offsets = torch.arange(E + 1, device=dev) * (G * C)  # [E+1]
-    rows = torch.where(slot >= 0, offsets[:E] + slot, -1)  # [T, E]
-    row_src = ((g_idx * S + order) * E + e_idx).transpose(0, 1).reshape(E * G * C)  # [E*G*C]
     indices = torch.arange(E, device=dev).expand(T, E).contiguous()  # [T, E]
-    counts = torch.full((E,), G * C, dtype=torch.int64, device=dev)  # [E]
-    return Routing(indices, slot, rows, row_src, counts, offsets, E, C, G, S)
+    offsets = torch.arange(E + 1, device=dev) * (G * C)  # [E+1]
+    return Routing.build(
+        indices=indices, slot=slot, offsets=offsets, num_experts=E, capacity=C, num_groups=G, group_size=S,
+        num_rows=E * G * C,
+    )
 
 
 class PerImageRouter(nn.Module):
@@ -307,8 +304,7 @@ class PerImageRouter(nn.Module):
     ) -> None:
         super().__init__()
         _check_sizes(in_features, num_experts)
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= num_experts:
-            raise ValueError(f"k must be an int in [1, num_experts={num_experts}], got {k!r}")
+        check_int_in("k", k, 1, num_experts, f"num_experts={num_experts}")
         if router_input not in ("cls", "mean"):
             raise ValueError(f"router_input must be 'cls' or 'mean', got {router_input!r}")
         self.in_features = in_features
@@ -351,19 +347,6 @@ class PerImageRouter(nn.Module):
         return RouterOutput(routing, tok_weights, logits, logits.new_zeros(()))
 
 
-def superclass_loss(logits: Tensor, superclass: Tensor, weight: float = 0.3) -> Tensor:
-    """Mobile V-MoE's super-class guidance: ``weight * cross_entropy(logits, superclass)``.
-
-    Args:
-        logits: ``[B, E]`` per-image router logits (``RouterOutput.logits``).
-        superclass: ``[B]`` int64 super-class of each image; super-class c is expert c.
-        weight: the loss weight (0.3 in the paper).
-    """
-    return weight * F.cross_entropy(logits.float(), superclass)
-
-
 def _check_sizes(in_features: int, num_experts: int) -> None:
-    if isinstance(in_features, bool) or not isinstance(in_features, int) or in_features < 1:
-        raise ValueError(f"in_features must be an int >= 1, got {in_features!r}")
-    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
-        raise ValueError(f"num_experts must be an int >= 1, got {num_experts!r}")
+    check_positive_int("in_features", in_features)
+    check_positive_int("num_experts", num_experts)

@@ -71,7 +71,7 @@ def test_cuda_kernels_registered_for_the_cuda_key():
         assert not has(f"moe_kernels_C::{op}", "CUDA"), f"{op} should have no CUDA kernel"
     from moe_kernels.ops import _cpp
 
-    assert _cpp.supported_ops(torch.device("cuda")) == CUDA_OPS
+    assert _cpp.SUPPORTS["cuda"].ops() == CUDA_OPS
 
 
 def test_kernel_sources_include_no_torch_headers():

@@ -24,8 +24,7 @@ PUBLIC_OPS = {
 
 
 def _supported(backend: str) -> tuple[str, ...]:
-    mod = backends._module(backends._MODULES[backend])
-    return backends.OPS if not hasattr(mod, "supported_ops") else mod.supported_ops(CUDA)
+    return backends.support(backend).ops()
 
 
 def _tree(name: str) -> ast.Module:

@@ -26,7 +26,7 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 triton = pytest.importorskip("triton", reason="triton is not installed")
 
 from bench.kernels import SHARED_LIMIT, compile_kernel, config_id, gemm_configs, gemm_signature  # noqa: E402
-from moe_kernels.kernels import gather, gating, routing  # noqa: E402
+from moe_kernels.kernels import dispatch_combine, gating, routing  # noqa: E402
 from moe_kernels.kernels import grouped_mm as gm  # noqa: E402
 
 MMA = {80: "mma.sync", 90: "wgmma"}
@@ -84,17 +84,17 @@ def _small_kernels(dt: str):
               Src_ptr="*i64", S=i32, K=i32, E=i32, NCHUNK=i32, C=i32),
          dict(HAS_ORDER=False, DROPLESS=True, BLOCK=128),
          ["I_ptr", "O_ptr", "B_ptr", "Off_ptr", "Slot_ptr", "Rows_ptr", "Src_ptr"], 8),
-        ("dispatch", gather._dispatch_kernel,
+        ("dispatch", dispatch_combine._dispatch_kernel,
          dict(X_ptr=f"*{dt}", Src_ptr="*i64", Wt_ptr="*fp32", Out_ptr=f"*{dt}", R=i32, D=i32, K=i32,
               stride_xt=i32, stride_or=i32),
          dict(stride_xd=1, stride_od=1, HAS_WEIGHTS=True, BLOCK_R=32, BLOCK_D=128),
          ["X_ptr", "Src_ptr", "Wt_ptr", "Out_ptr", "D", "stride_xt", "stride_or"], 4),
-        ("combine", gather._combine_kernel,
+        ("combine", dispatch_combine._combine_kernel,
          dict(Y_ptr=f"*{dt}", Rows_ptr="*i64", Wt_ptr="*fp32", Out_ptr=f"*{dt}", T=i32, D=i32, K=i32,
               stride_yr=i32, stride_ot=i32),
          dict(stride_yd=1, stride_od=1, HAS_WEIGHTS=True, BLOCK_T=32, BLOCK_D=128),
          ["Y_ptr", "Rows_ptr", "Wt_ptr", "Out_ptr", "D", "stride_yr", "stride_ot"], 4),
-        ("combine_weights_grad", gather._combine_weights_grad_kernel,
+        ("combine_weights_grad", dispatch_combine._combine_weights_grad_kernel,
          dict(A_ptr=f"*{dt}", B_ptr=f"*{dt}", Rows_ptr="*i64", G_ptr="*fp32", T=i32, D=i32, K=i32,
               stride_at=i32, stride_br=i32),
          dict(stride_ad=1, stride_bd=1, BLOCK_T=32, BLOCK_D=128),

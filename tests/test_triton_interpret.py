@@ -3,9 +3,9 @@
 ``TRITON_INTERPRET=1`` must be set before triton is imported, so this module runs twice:
 in the normal suite only the two drivers run: ``test_interpreter_suite`` starts a child pytest
 on this same file with ``TRITON_INTERPRET=1 MOE_KERNELS_BACKEND=triton``, where every other
-test runs (and the drivers skip), and ``test_op_suite_through_triton`` runs tests/test_ops.py
-the same way. Shapes are small because the interpreter costs about a
-millisecond per program instance.
+test runs (and the drivers skip), and ``test_op_suite_through_triton`` runs the op test
+modules (tests/test_topk_softmax.py ... tests/test_ops.py) the same way. Shapes are small
+because the interpreter costs about a millisecond per program instance.
 
 bf16: the interpreter's bf16 arithmetic and bf16 ``tl.dot`` are wrong, but its bf16 loads and
 stores are right. The kernels do their math in fp32 after loading, and under the interpreter
@@ -64,12 +64,17 @@ def test_interpreter_suite():
     _run_child([os.path.abspath(__file__)])
 
 
+# The op test modules, one per op file of moe_kernels/ops, plus what every op shares.
+OP_TESTS = ("test_topk_softmax.py", "test_make_routing.py", "test_dispatch_combine.py", "test_grouped_mm.py",
+            "test_ops.py")  # fmt: skip
+
+
 def test_op_suite_through_triton():
     """The project's op tests with ``MOE_KERNELS_BACKEND=triton TRITON_INTERPRET=1`` (~1 min)."""
-    ops = os.path.join(ROOT, "tests", "test_ops.py")
-    if not os.path.exists(ops):
-        pytest.skip("tests/test_ops.py is not there")
-    _run_child([ops])
+    paths = [os.path.join(ROOT, "tests", name) for name in OP_TESTS]
+    missing = [p for p in paths if not os.path.exists(p)]
+    assert not missing, f"op test modules missing: {missing}"
+    _run_child(paths)
 
 
 def test_hardening_suite_through_triton():

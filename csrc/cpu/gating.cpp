@@ -15,16 +15,6 @@
 namespace moek {
 namespace {
 
-void check_gating(const char* op, const at::Tensor& logits, int64_t k) {
-  check_dim(op, "logits", logits, 2);
-  check_float_tensor(op, "logits", logits);
-  const int64_t E = logits.size(1);
-  TORCH_CHECK(E >= 1 && E <= kMaxExperts, "moe_kernels::", op, ": logits.shape[1] (experts) must be in [1, ",
-              kMaxExperts, "], got ", E);
-  TORCH_CHECK(k >= 1 && k <= std::min<int64_t>(E, kMaxK), "moe_kernels::", op, ": k must be in [1, min(E=", E,
-              ", ", kMaxK, ")], got ", k);
-}
-
 // Row max (NaN ignored, so a NaN row still yields NaN through the sum) and sum of exp(v - max).
 template <typename acc_t, typename scalar_t>
 void softmax_stats(const scalar_t* row, int64_t E, acc_t* mx, acc_t* sum) {

@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from moe_kernels.validation import is_int
+
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -21,7 +23,7 @@ def check_tensor(name: str, t: object, *, ndim: int | None = None, dtypes=None, 
 
 
 def check_int(name: str, v: object, *, low: int | None = None, high: int | None = None, op: str) -> int:
-    if isinstance(v, bool) or not isinstance(v, int):
+    if not is_int(v):
         raise TypeError(f"{op}: {name} must be an int, got {type(v).__name__} {v!r}")
     if (low is not None and v < low) or (high is not None and v > high):
         lo = "-inf" if low is None else low

@@ -11,27 +11,34 @@ import torch
 from torch import Tensor
 
 from moe_kernels import _ext
+from moe_kernels.backends import OPS, Support
 
 if not _ext.LOADED:
     raise ImportError(f"moe_kernels._C is not loaded: {_ext.LOAD_ERROR}")
 
 _ops = torch.ops.moe_kernels_C
-_NAMES = (
-    "topk_softmax",
-    "topk_softmax_backward",
-    "make_routing",
-    "dispatch",
-    "combine",
-    "combine_weights_grad",
-    "grouped_mm",
-    "grouped_mm_weight_grad",
-)
 
 
-def supported_ops(device: torch.device) -> tuple[str, ...]:
-    """The ops with a kernel registered for ``device``'s dispatch key."""
-    key = "CUDA" if device.type == "cuda" else "CPU"
-    return tuple(n for n in _NAMES if torch._C._dispatch_has_kernel_for_dispatch_key(f"moe_kernels_C::{n}", key))
+def _registered(key: str):
+    """The ops with a kernel of ``moe_kernels._C`` registered for dispatch key ``key``."""
+
+    def ops() -> tuple[str, ...]:
+        return tuple(n for n in OPS if torch._C._dispatch_has_kernel_for_dispatch_key(f"moe_kernels_C::{n}", key))
+
+    return ops
+
+
+def _cuda_requirements(device: torch.device) -> list[str]:
+    if not _ext.cuda_kernels_built():
+        return ["moe_kernels._C was built without CUDA kernels (MOE_KERNELS_BUILD_CUDA=0 or no nvcc)"]
+    return []
+
+
+SUPPORTS = {
+    # fp64 runs natively (fp64 accumulation), so gradcheck tests the kernels themselves.
+    "cpu": Support(devices=("cpu",), ops=_registered("CPU")),
+    "cuda": Support(devices=("cuda",), ops=_registered("CUDA"), requirements=_cuda_requirements),
+}
 
 
 def topk_softmax(logits: Tensor, k: int, renormalize: bool) -> tuple[Tensor, Tensor]:

@@ -4,10 +4,9 @@ Same names and signatures as ``moe_kernels.reference``. Each launcher allocates 
 picks block sizes from the shapes and launches; none reads tensor values on the host (no
 ``.item()``, ``.tolist()`` or ``nonzero()``), so the GPU never waits for the CPU.
 
-Runs on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (``backends`` decides
-which device is allowed). fp32, fp16 and bf16 run in the kernels (fp32 math and
-accumulation); fp64 inputs, used only by gradcheck, run the reference instead, because the
-kernels accumulate in fp32 and fp64 ``tl.dot`` is not portable across GPUs.
+Runs on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1``. fp32, fp16 and bf16 run
+in the kernels (fp32 math and accumulation); ``SUPPORTS`` declares that fp64 inputs (gradcheck
+only) run the reference instead, and ``moe_kernels.backends`` applies that rule.
 
 Shape letters: T tokens, D width, E experts, K choices, G groups, S group size, C capacity,
 R buffer rows, M rows, N output width.
@@ -21,32 +20,30 @@ import torch
 import triton
 from torch import Tensor
 
-from moe_kernels import reference
+from moe_kernels.backends import Support
 from moe_kernels.kernels import _config
 from moe_kernels.kernels import grouped_mm as _gm
-from moe_kernels.kernels.gather import _combine_kernel, _combine_weights_grad_kernel, _dispatch_kernel
+from moe_kernels.kernels.dispatch_combine import _combine_kernel, _combine_weights_grad_kernel, _dispatch_kernel
 from moe_kernels.kernels.gating import _topk_softmax_backward_kernel, _topk_softmax_kernel
 from moe_kernels.kernels.routing import _routing_histogram_kernel, _routing_positions_kernel
 
-_OPS = (
-    "topk_softmax",
-    "topk_softmax_backward",
-    "make_routing",
-    "dispatch",
-    "combine",
-    "combine_weights_grad",
-    "grouped_mm",
-    "grouped_mm_weight_grad",
-)
+
+def _requirements(device: torch.device) -> list[str]:
+    if device.type == "cpu" and not _config.interpreting():
+        return ["triton needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1)"]
+    return []
 
 
-def supported_ops(device: torch.device) -> tuple[str, ...]:
-    """Every op has a kernel (CPU tensors need ``TRITON_INTERPRET=1``, checked by ``backends``)."""
-    return _OPS
-
-
-def _fp64(*tensors: Tensor | None) -> bool:
-    return any(t is not None and t.dtype == torch.float64 for t in tensors)
+# Every op has a kernel. The kernels accumulate in fp32 and fp64 tl.dot is not portable across
+# GPUs, so fp64 (gradcheck) runs the reference (the declared rule, applied by backends).
+SUPPORTS = {
+    "triton": Support(
+        devices=("cuda", "cpu"),
+        dtypes=(torch.float32, torch.float16, torch.bfloat16),
+        fp64="reference",
+        requirements=_requirements,
+    )
+}
 
 
 def _on_device(t: Tensor):
@@ -80,8 +77,6 @@ def _dot_options(dtype: torch.dtype) -> dict:
 
 
 def topk_softmax(logits: Tensor, k: int, renormalize: bool) -> tuple[Tensor, Tensor]:
-    if _fp64(logits):
-        return reference.topk_softmax(logits, k, renormalize)
     T, E = logits.shape
     weights = torch.empty(T, k, dtype=torch.float32, device=logits.device)  # [T, K]
     indices = torch.empty(T, k, dtype=torch.int64, device=logits.device)  # [T, K]
@@ -99,8 +94,6 @@ def topk_softmax(logits: Tensor, k: int, renormalize: bool) -> tuple[Tensor, Ten
 
 
 def topk_softmax_backward(grad_weights: Tensor, logits: Tensor, indices: Tensor, renormalize: bool) -> Tensor:
-    if _fp64(grad_weights, logits):
-        return reference.topk_softmax_backward(grad_weights, logits, indices, renormalize)
     T, E = logits.shape
     K = indices.shape[1]
     grad_logits = torch.empty_like(logits, memory_format=torch.contiguous_format)  # [T, E]
@@ -188,8 +181,6 @@ def make_routing(
 
 
 def dispatch(x: Tensor, rows: Tensor, row_src: Tensor, weights: Tensor | None) -> Tensor:
-    if _fp64(x, weights):
-        return reference.dispatch(x, rows, row_src, weights)
     K = rows.shape[1]
     R, D = row_src.shape[0], x.shape[1]
     out = torch.empty(R, D, dtype=x.dtype, device=x.device)  # [R, D]
@@ -208,8 +199,6 @@ def dispatch(x: Tensor, rows: Tensor, row_src: Tensor, weights: Tensor | None) -
 
 
 def combine(y: Tensor, rows: Tensor, row_src: Tensor, weights: Tensor | None) -> Tensor:
-    if _fp64(y, weights):
-        return reference.combine(y, rows, row_src, weights)
     T, K = rows.shape
     D = y.shape[1]
     out = torch.empty(T, D, dtype=y.dtype, device=y.device)  # [T, D]
@@ -228,8 +217,6 @@ def combine(y: Tensor, rows: Tensor, row_src: Tensor, weights: Tensor | None) ->
 
 
 def combine_weights_grad(a: Tensor, b: Tensor, rows: Tensor) -> Tensor:
-    if _fp64(a, b):
-        return reference.combine_weights_grad(a, b, rows)
     T, K = rows.shape
     D = a.shape[1]
     g = torch.empty(T, K, dtype=torch.float32, device=a.device)  # [T, K]
@@ -247,8 +234,6 @@ def combine_weights_grad(a: Tensor, b: Tensor, rows: Tensor) -> Tensor:
 
 
 def grouped_mm(x: Tensor, w: Tensor, offsets: Tensor, bias: Tensor | None = None) -> Tensor:
-    if _fp64(x, w, bias):
-        return reference.grouped_mm(x, w, offsets, bias)
     M, KD = x.shape
     E, N, _ = w.shape
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)  # [M, N]
@@ -272,8 +257,6 @@ def grouped_mm(x: Tensor, w: Tensor, offsets: Tensor, bias: Tensor | None = None
 
 
 def grouped_mm_weight_grad(x: Tensor, grad_out: Tensor, offsets: Tensor) -> Tensor:
-    if _fp64(x, grad_out):
-        return reference.grouped_mm_weight_grad(x, grad_out, offsets)
     M, KD = x.shape
     N = grad_out.shape[1]
     E = offsets.shape[0] - 1

@@ -17,14 +17,17 @@ from moe_kernels.ops._common import FLOAT_DTYPES, check_same_device, check_tenso
 from moe_kernels.ops.make_routing import Routing
 
 
-def _run(op: str, backend: str, device: torch.device, *args):
-    _, impl = backends.choose(op, backend, device)
+def _run(op: str, backend: str, data: Tensor, *args):
+    """``op`` on the backend chosen for ``data``'s device and the call's dtype (fp64 if any float
+    argument is: a backend's fp64 rule applies to the whole call)."""
+    fp64 = any(isinstance(t, Tensor) and t.dtype == torch.float64 for t in args)
+    _, impl = backends.choose(op, backend, data.device, torch.float64 if fp64 else data.dtype)
     return impl(*args)
 
 
 @torch.library.custom_op("moe_kernels::dispatch", mutates_args=())
 def _dispatch(x: Tensor, rows: Tensor, row_src: Tensor, weights: Tensor | None, backend: str) -> Tensor:
-    return _run("dispatch", backend, x.device, x, rows, row_src, weights)
+    return _run("dispatch", backend, x, x, rows, row_src, weights)
 
 
 @_dispatch.register_fake
@@ -34,7 +37,7 @@ def _(x, rows, row_src, weights, backend):
 
 @torch.library.custom_op("moe_kernels::combine", mutates_args=())
 def _combine(y: Tensor, rows: Tensor, row_src: Tensor, weights: Tensor | None, backend: str) -> Tensor:
-    return _run("combine", backend, y.device, y, rows, row_src, weights)
+    return _run("combine", backend, y, y, rows, row_src, weights)
 
 
 @_combine.register_fake
@@ -44,7 +47,7 @@ def _(y, rows, row_src, weights, backend):
 
 @torch.library.custom_op("moe_kernels::combine_weights_grad", mutates_args=())
 def _combine_weights_grad(a: Tensor, b: Tensor, rows: Tensor, row_src: Tensor, backend: str) -> Tensor:
-    return _run("combine_weights_grad", backend, a.device, a, b, rows)
+    return _run("combine_weights_grad", backend, a, a, b, rows)
 
 
 @_combine_weights_grad.register_fake

@@ -5,20 +5,12 @@ Shape letters: M rows, E experts, Din input width, N output width.
 
 from __future__ import annotations
 
-import functools
-import inspect
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from moe_kernels import backends
 from moe_kernels.ops._common import FLOAT_DTYPES, check_same_device, check_tensor
-
-
-@functools.cache
-def _fuses_bias(impl) -> bool:
-    return "bias" in inspect.signature(impl).parameters
 
 
 def _add_bias(out: Tensor, bias: Tensor, offsets: Tensor) -> Tensor:
@@ -30,10 +22,10 @@ def _add_bias(out: Tensor, bias: Tensor, offsets: Tensor) -> Tensor:
 
 @torch.library.custom_op("moe_kernels::grouped_mm", mutates_args=())
 def _grouped_mm(x: Tensor, w: Tensor, offsets: Tensor, bias: Tensor | None, backend: str) -> Tensor:
-    _, impl = backends.choose("grouped_mm", backend, x.device)
+    name, impl = backends.choose("grouped_mm", backend, x.device, x.dtype)
     if bias is None:
         return impl(x, w, offsets)
-    if _fuses_bias(impl):
+    if backends.fuses_bias(name):
         return impl(x, w, offsets, bias)
     return _add_bias(impl(x, w, offsets), bias, offsets)
 
@@ -45,7 +37,7 @@ def _(x, w, offsets, bias, backend):
 
 @torch.library.custom_op("moe_kernels::grouped_mm_weight_grad", mutates_args=())
 def _grouped_mm_weight_grad(x: Tensor, grad_out: Tensor, offsets: Tensor, backend: str) -> Tensor:
-    _, impl = backends.choose("grouped_mm_weight_grad", backend, x.device)
+    _, impl = backends.choose("grouped_mm_weight_grad", backend, x.device, x.dtype)
     return impl(x, grad_out, offsets)
 
 

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from moe_kernels import backends
 from moe_kernels.ops._common import check_int, check_same_device, check_tensor
+from moe_kernels.validation import check_positive_number
 
 _INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
@@ -45,8 +46,7 @@ def compute_capacity(
     check_int("num_experts", num_experts, low=1, op=op)
     check_int("k", k, low=1, high=num_experts, op=op)
     check_int("multiple_of", multiple_of, low=0, op=op)
-    if isinstance(capacity_factor, bool) or not isinstance(capacity_factor, (int, float)) or not capacity_factor > 0:
-        raise ValueError(f"{op}: capacity_factor must be a number > 0, got {capacity_factor!r}")
+    check_positive_number(f"{op}: capacity_factor", capacity_factor)
     raw = num_tokens * k * capacity_factor / num_experts
     if rounding == "ceil":
         capacity = int(math.ceil(raw))
@@ -93,6 +93,47 @@ class Routing:
     num_groups: int
     group_size: int
 
+    @classmethod
+    def build(
+        cls,
+        *,
+        indices: Tensor,
+        offsets: Tensor,
+        num_experts: int,
+        capacity: int | None,
+        num_groups: int,
+        group_size: int,
+        num_rows: int,
+        slot: Tensor | None = None,
+        rows: Tensor | None = None,
+        row_src: Tensor | None = None,
+        counts: Tensor | None = None,
+    ) -> Routing:
+        """The one way a plan is made: give ``slot`` or ``rows`` (and whatever a kernel already
+        computed); the rest is derived with static shapes (no host sync):
+        ``rows = offsets[indices] + slot`` (``-1`` where dropped), ``slot`` back from ``rows``,
+        the inverse map ``row_src`` (``t*K + k`` per held row, ``-1`` for empty rows, of length
+        ``num_rows``) and ``counts`` (kept assignments per expert).
+        """
+        if slot is None and rows is None:
+            raise ValueError("Routing.build: give slot or rows")
+        if rows is None:
+            rows = torch.where(slot >= 0, offsets[indices] + slot, -1)  # [T, K]
+        if slot is None:
+            slot = torch.where(rows >= 0, rows - offsets[indices], -1)  # [T, K]
+        kept = rows >= 0  # [T, K]
+        if row_src is None:
+            # Scatter t*K + k to its row; dropped assignments land in one spare row, cut off.
+            src = torch.arange(rows.numel(), device=rows.device)  # [T*K]
+            target = torch.where(kept, rows, num_rows).reshape(-1)  # [T*K]
+            row_src = torch.full((num_rows + 1,), -1, dtype=torch.int64, device=rows.device)
+            row_src = row_src.scatter(0, target, src)[:num_rows]  # [R]
+        if counts is None:
+            expert = torch.where(kept, indices, num_experts).reshape(-1)  # [T*K], E for dropped
+            counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=rows.device)
+            counts = counts.scatter_add(0, expert, torch.ones_like(expert))[:num_experts]  # [E]
+        return cls(indices, slot, rows, row_src, counts, offsets, num_experts, capacity, num_groups, group_size)
+
     @property
     def num_tokens(self) -> int:
         return self.indices.shape[0]
@@ -126,9 +167,11 @@ class Routing:
         rows = torch.where(self.rows >= 0, packed_row[self.rows.clamp(min=0)], -1)  # [T, K]
         row_src = self.row_src[held]  # [N]
         offsets = torch.cat([self.counts.new_zeros(1), torch.cumsum(self.counts, 0)])  # [E+1]
-        slot = torch.where(rows >= 0, rows - offsets[self.indices], -1)  # [T, K]
-        return Routing(self.indices, slot, rows, row_src, self.counts, offsets, self.num_experts, None, 1,
-                       self.num_tokens)  # fmt: skip
+        return Routing.build(
+            indices=self.indices, rows=rows, row_src=row_src, counts=self.counts, offsets=offsets,
+            num_experts=self.num_experts, capacity=None, num_groups=1, group_size=self.num_tokens,
+            num_rows=row_src.shape[0],
+        )  # fmt: skip
 
     def buffer_shape(self, width: int) -> tuple[int, ...]:
         """``(E, G*C, width)`` with a capacity, ``(T*K, width)`` when dropless."""
@@ -224,4 +267,7 @@ def make_routing(
         backends.requested_backend(backend),
     )
     G = T // group_size if group_size > 0 else 0
-    return Routing(indices, slot, rows, row_src, counts, offsets, num_experts, capacity, G, group_size)
+    return Routing.build(
+        indices=indices, slot=slot, rows=rows, row_src=row_src, counts=counts, offsets=offsets,
+        num_experts=num_experts, capacity=capacity, num_groups=G, group_size=group_size, num_rows=row_src.shape[0],
+    )  # fmt: skip

@@ -17,7 +17,7 @@ MAX_K = 8
 
 @torch.library.custom_op("moe_kernels::topk_softmax", mutates_args=())
 def _topk_softmax(logits: Tensor, k: int, renormalize: bool, backend: str) -> tuple[Tensor, Tensor]:
-    _, impl = backends.choose("topk_softmax", backend, logits.device)
+    _, impl = backends.choose("topk_softmax", backend, logits.device, logits.dtype)
     return impl(logits, k, renormalize)
 
 
@@ -32,7 +32,7 @@ def _(logits, k, renormalize, backend):
 def _topk_softmax_backward(
     grad_weights: Tensor, logits: Tensor, indices: Tensor, renormalize: bool, backend: str
 ) -> Tensor:
-    _, impl = backends.choose("topk_softmax_backward", backend, logits.device)
+    _, impl = backends.choose("topk_softmax_backward", backend, logits.device, logits.dtype)
     return impl(grad_weights, logits, indices, renormalize)
 
 
