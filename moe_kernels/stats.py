@@ -76,6 +76,17 @@ class RoutingStats:
         """``router_entropy / log(E)``: 1 for a uniform router, 0 for a one-hot one."""
         return self.router_entropy / math.log(self.num_experts) if self.num_experts > 1 else 0.0
 
+    def as_dict(self) -> dict:
+        """Plain Python values (lists for the ``[E]`` tensors, the two properties included), for
+        JSON logs."""
+        out = dataclasses.asdict(self)
+        for key in ("tokens_per_expert", "capacity_use"):
+            if out[key] is not None:
+                out[key] = out[key].tolist()
+        out["drop_fraction"] = self.drop_fraction
+        out["router_entropy_normalized"] = self.router_entropy_normalized
+        return out
+
 
 def compute_stats(
     indices: Tensor,

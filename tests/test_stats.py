@@ -11,6 +11,7 @@ handed in from outside, and a whole ``models.vmoe`` model (keys are module names
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -104,6 +105,9 @@ def test_counts_equal_an_independent_vmoe_routing(case):
     assert st.combine_weight_sum_mean == pytest.approx(float((top_p * kept).sum(1).mean()), rel=1e-4)
     if case.startswith("capacity-tight"):
         assert dropped > 0  # the case exercises dropping
+    d = st.as_dict()
+    json.dumps(d)  # plain values only
+    assert d["tokens_per_expert"] == counts and d["dropped"] == dropped and d["drop_fraction"] == st.drop_fraction
 
 
 def test_bpr_changes_which_assignments_drop():
