@@ -17,8 +17,10 @@ from collections.abc import Callable
 import numpy as np
 from torch import Tensor
 
+from models import registry
 from models.vit import VisionTransformer
-from moe_kernels.routers import PerImageRouter, RouterOutput, superclass_loss
+from moe_kernels.losses import superclass_loss
+from moe_kernels.routers import PerImageRouter, RouterOutput
 
 __all__ = [
     "SIZES",
@@ -43,7 +45,6 @@ SIZES: dict[str, tuple[int, int, int, int]] = {
     "6x64": (64, 256, 2, 6),
 }
 
-_REGISTRY: dict[str, Callable[..., MobileVMoE]] = {}
 
 
 class MobileVMoE(VisionTransformer):
@@ -95,40 +96,71 @@ class MobileVMoE(VisionTransformer):
         return (logits, route) if return_router else logits
 
 
-def register_model(name: str) -> Callable:
-    def wrap(fn):
-        if name in _REGISTRY:
-            raise ValueError(f"size {name!r} is already registered")
-        _REGISTRY[name] = fn
-        return fn
+FAMILY = "mobile_vmoe"
 
-    return wrap
+
+def register_model(name: str) -> Callable:
+    """Register a Mobile V-MoE size's factory in the one registry (``models.registry``)."""
+    return registry.register_model(FAMILY, name)
 
 
 def list_models() -> list[str]:
-    return list(_REGISTRY)
+    """The registered Mobile V-MoE sizes (``"tiny"`` and the smaller ``"<blocks>x<width>"``)."""
+    return registry.list_models(FAMILY)
 
 
 def _build(size: str, *, patch_size: int = 16, **kw) -> MobileVMoE:
+    """Mobile V-MoE of ``SIZES[size]`` (blocks x width, heads, MLP width)."""
     dim, mlp_dim, heads, depth = SIZES[size]
     model = MobileVMoE(dim=dim, mlp_dim=mlp_dim, num_heads=heads, depth=depth, patch_size=patch_size, **kw)
     model.variant = size
     return model
 
 
-def _register_size(size: str) -> None:
-    def factory(**kw) -> MobileVMoE:
-        return _build(size, **kw)
-
-    factory.__name__ = f"mobile_vmoe_{size}"
-    dim, mlp_dim, heads, depth = SIZES[size]
-    factory.__doc__ = f"Mobile V-MoE, {depth} blocks x {dim} wide ({heads} heads, MLP {mlp_dim})."
-    register_model(size)(factory)
-    globals()[factory.__name__] = factory
+# One explicit factory per size (timm-style), each ``_build`` of its ``SIZES`` row.
+@register_model("tiny")
+def mobile_vmoe_tiny(**kw) -> MobileVMoE:
+    return _build("tiny", **kw)
 
 
-for _size in SIZES:
-    _register_size(_size)
+@register_model("9x192")
+def mobile_vmoe_9x192(**kw) -> MobileVMoE:
+    return _build("9x192", **kw)
+
+
+@register_model("6x192")
+def mobile_vmoe_6x192(**kw) -> MobileVMoE:
+    return _build("6x192", **kw)
+
+
+@register_model("12x96")
+def mobile_vmoe_12x96(**kw) -> MobileVMoE:
+    return _build("12x96", **kw)
+
+
+@register_model("9x96")
+def mobile_vmoe_9x96(**kw) -> MobileVMoE:
+    return _build("9x96", **kw)
+
+
+@register_model("6x96")
+def mobile_vmoe_6x96(**kw) -> MobileVMoE:
+    return _build("6x96", **kw)
+
+
+@register_model("12x64")
+def mobile_vmoe_12x64(**kw) -> MobileVMoE:
+    return _build("12x64", **kw)
+
+
+@register_model("9x64")
+def mobile_vmoe_9x64(**kw) -> MobileVMoE:
+    return _build("9x64", **kw)
+
+
+@register_model("6x64")
+def mobile_vmoe_6x64(**kw) -> MobileVMoE:
+    return _build("6x64", **kw)
 
 
 def create_model(
@@ -156,9 +188,9 @@ def create_model(
         **kwargs: ``patch_size`` (16), ``in_chans`` (3), ``representation_size``,
             ``share_expert_init`` (True), ``backend``.
     """
-    if size not in _REGISTRY:
+    if size not in list_models():
         raise ValueError(f"unknown Mobile V-MoE size {size!r}; registered: {list_models()}")
-    return _REGISTRY[size](
+    return registry.get_factory(FAMILY, size)(
         num_experts=num_experts,
         num_moe_layers=num_moe_layers,
         k=k,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+from models import registry
 from models.vit import VisionTransformer
 from moe_kernels.convert import moe_layer_indices
 
@@ -26,21 +27,17 @@ WIDTHS: dict[str, tuple[int, int, int, int]] = {
     "H": (1280, 5120, 16, 32),
 }
 
-_REGISTRY: dict[str, Callable[..., VisionTransformer]] = {}
+FAMILY = "vmoe"
 
 
 def register_model(name: str) -> Callable:
-    def wrap(fn: Callable[..., VisionTransformer]) -> Callable[..., VisionTransformer]:
-        if name in _REGISTRY:
-            raise ValueError(f"variant {name!r} is already registered")
-        _REGISTRY[name] = fn
-        return fn
-
-    return wrap
+    """Register a V-MoE variant's factory in the one registry (``models.registry``)."""
+    return registry.register_model(FAMILY, name)
 
 
 def list_models() -> list[str]:
-    return list(_REGISTRY)
+    """The registered V-MoE variants (``"Mu/4"`` ... ``"H/14"``)."""
+    return registry.list_models(FAMILY)
 
 
 def _build(
@@ -165,9 +162,9 @@ def create_model(
             ``router`` ("vmoe" or "expert_choice"), ``share_expert_init`` and further
             ``MoEMlp`` keywords (``renormalize``, ``backend``, loss weights).
     """
-    if variant not in _REGISTRY:
+    if variant not in list_models():
         raise ValueError(f"unknown V-MoE variant {variant!r}; registered: {list_models()}")
-    return _REGISTRY[variant](
+    return registry.get_factory(FAMILY, variant)(
         num_experts=num_experts,
         k=k,
         moe_layers=moe_layers,
