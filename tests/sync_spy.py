@@ -116,5 +116,12 @@ def run_backward(root: torch.Tensor, grad: torch.Tensor) -> None:
         for (nxt, idx), g in zip(node.next_functions, outs, strict=False):
             if nxt is None or g is None:
                 continue
+            # As the engine's validate_outputs: a broadcast gradient is summed back to the
+            # input's shape, and cast to its dtype.
+            want = nxt._input_metadata[idx]
+            if tuple(g.shape) != tuple(want.shape):
+                g = g.sum_to_size(tuple(want.shape))
+            if g.dtype != want.dtype:
+                g = g.to(want.dtype)
             slot = pending.setdefault(nxt, {})
             slot[idx] = g if idx not in slot else slot[idx] + g

@@ -106,13 +106,15 @@ def test_run_backward_matches_the_engine():
     x = torch.randn(5, 3, requires_grad=True)
     w = torch.randn(4, 3, requires_grad=True)
 
+    s = torch.tensor(1.5, requires_grad=True)  # 0-dim, broadcast: its gradient is summed back
+
     def f():
         a, b = (x @ w.T).split(2, dim=1)
-        return (a.tanh() * b).sum() + (x * x).sum()
+        return (a.tanh() * b).sum() + (x * x).sum() + (s * x).sum()
 
     f().backward()
-    want = (x.grad.clone(), w.grad.clone())
-    x.grad = w.grad = None
+    want = (x.grad.clone(), w.grad.clone(), s.grad.clone())
+    x.grad = w.grad = s.grad = None
     out = f()
     run_backward(out, torch.ones_like(out))
-    torch.testing.assert_close((x.grad, w.grad), want)
+    torch.testing.assert_close((x.grad, w.grad, s.grad), want)
