@@ -10,12 +10,14 @@ them it neither vectorises nor software-pipelines the loads).
 
 Checks: shared memory within the target (sm_80: 163 KiB, sm_90: 227 KiB) for every autotune
 config the launcher can pick there; the grouped GEMM's PTX uses ``mma.sync`` on sm_80 and
-``wgmma`` on sm_90, for fp16 and bf16.
+``wgmma`` on sm_90, for fp16 and bf16; and no config spills registers (no ``LDL``/``STL`` in the
+SASS, read with the cuobjdump of the toolkit or of Triton's wheel: ``bench/kernels.py``).
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 
@@ -25,7 +27,15 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     )
 triton = pytest.importorskip("triton", reason="triton is not installed")
 
-from bench.kernels import SHARED_LIMIT, compile_kernel, config_id, gemm_configs, gemm_signature  # noqa: E402
+from bench.kernels import (  # noqa: E402
+    SHARED_LIMIT,
+    analyze_cubin,
+    compile_kernel,
+    config_id,
+    find_cuobjdump,
+    gemm_configs,
+    gemm_signature,
+)
 from moe_kernels.kernels import dispatch_combine, gating, routing  # noqa: E402
 from moe_kernels.kernels import grouped_mm as gm  # noqa: E402
 
@@ -41,6 +51,19 @@ def _compile(fn, cc: int, sig: dict, constexprs: dict, divisible: list[str], num
         if "ptxas" in str(exc) and ("not found" in str(exc) or "No such file" in str(exc)):
             pytest.skip(f"triton's ptxas is unavailable: {exc}")
         raise
+
+
+def _check_no_spills(kernel, what: str, tmp_dir: str | None = None):
+    """No register spills (local-memory loads/stores) in the SASS, when a cuobjdump is at hand."""
+    cuobjdump = find_cuobjdump()
+    if cuobjdump is None:
+        return  # the shared-memory and instruction checks above still ran
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(kernel.asm["cubin"])
+        r = analyze_cubin(path, cuobjdump)
+    assert r["n_spills"] == 0 and r["ldl"] == 0 and r["stl"] == 0, f"{what} spills: {r}"
 
 
 def _check_shared(kernel, cc: int):
@@ -154,6 +177,7 @@ def test_grouped_mm_compiles_with_tensor_cores(kind, cc, dt, index):
     ptx = kernel.asm["ptx"]
     assert MMA[cc] in ptx, f"no {MMA[cc]} in the PTX of {kind} on sm_{cc} with {_cfg_id(cfg)}"
     assert "cp.async" in ptx, "operand loads are not software-pipelined"
+    _check_no_spills(kernel, f"{kind} on sm_{cc} with {_cfg_id(cfg)} ({dt})")
 
 
 @pytest.mark.parametrize("cc", CCS, ids=[f"sm{c}" for c in CCS])
