@@ -30,7 +30,8 @@ import torch
 from torch import Tensor, nn
 
 from moe_kernels import expert_parallel
-from moe_kernels.ops import Routing, combine, dispatch, gelu_grouped_mm, grouped_mm
+from moe_kernels.experts import ExpertMLPs
+from moe_kernels.ops import Routing, combine, dispatch
 from moe_kernels.routers import ExpertChoiceRouter, NoisyTopKRouter, RouterOutput
 from moe_kernels.validation import check_int_in, check_positive_int, check_positive_number
 
@@ -51,11 +52,7 @@ def _check_group_size(name: str, v) -> None:
     check_positive_int(f"MoEMlp: {name}", v, allow_none=True)
 
 
-def _pair(v):
-    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
-
-
-class MoEMlp(nn.Module):
+class MoEMlp(ExpertMLPs):
     """E expert MLPs (``fc1 -> act -> drop -> norm -> fc2 -> drop``) behind a router.
 
     Accepts timm's ``Mlp`` arguments (``norm_layer`` acts on the hidden width and is shared by
@@ -203,17 +200,9 @@ class MoEMlp(nn.Module):
         else:
             self.router = None
 
-        E, H, D, Dout = self.num_local_experts, hidden_features, in_features, out_features
-        bias1, bias2 = _pair(bias)
-        drop1, drop2 = _pair(drop)
-        self.fc1_weight = nn.Parameter(torch.empty(E, H, D, **dd))
-        self.fc1_bias = nn.Parameter(torch.empty(E, H, **dd)) if bias1 else None
-        self.act = act_layer()
-        self.drop1 = nn.Dropout(drop1)
-        self.norm = norm_layer(H, **dd) if norm_layer is not None else nn.Identity()
-        self.fc2_weight = nn.Parameter(torch.empty(E, Dout, H, **dd))
-        self.fc2_bias = nn.Parameter(torch.empty(E, Dout, **dd)) if bias2 else None
-        self.drop2 = nn.Dropout(drop2)
+        self._init_experts(
+            self.num_local_experts, in_features, hidden_features, out_features, act_layer, norm_layer, bias, drop, **dd
+        )
         self.reset_parameters()
 
     # Validated on assignment so a bad value fails where it is set, not deep in a forward.
@@ -243,14 +232,7 @@ class MoEMlp(nn.Module):
         """Each expert as ``nn.Linear`` initialises itself; the router likewise."""
         if self.router is not None:
             self.router.reset_parameters()
-        for w, b in ((self.fc1_weight, self.fc1_bias), (self.fc2_weight, self.fc2_bias)):
-            bound = 1.0 / math.sqrt(w.shape[2])
-            # kaiming_uniform(a=sqrt(5)) of nn.Linear is uniform(+-1/sqrt(fan_in)).
-            nn.init.uniform_(w, -bound, bound)
-            if b is not None:
-                nn.init.uniform_(b, -bound, bound)
-        if hasattr(self.norm, "reset_parameters"):
-            self.norm.reset_parameters()
+        self.reset_experts()
 
     def extra_repr(self) -> str:
         return (
@@ -327,18 +309,6 @@ class MoEMlp(nn.Module):
         out = self.experts(x2, routing.plan, routing.weights)  # [T, Dout]
         return out.reshape(*lead, self.out_features)
 
-    def _check_dtype(self, x: Tensor) -> None:
-        # As nn.Linear: an fp16/bf16/fp64 x meeting fp32 weights is an error, not a silent cast;
-        # autocast is the supported way to mix (x and weights then run in autocast's dtype).
-        w = self.fc1_weight
-        dev = x.device.type
-        if x.dtype == w.dtype or (torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)):
-            return
-        raise TypeError(
-            f"MoEMlp: x has dtype {x.dtype} but the layer's parameters have dtype {w.dtype}; convert one"
-            f" (x.to({w.dtype}) or layer.to({x.dtype})), or run under torch.autocast to mix them"
-        )
-
     def _empty(self, x2: Tensor, lead: torch.Size) -> Tensor:
         # No tokens: nothing to route (a capacity for 0-token groups is undefined). The output
         # stays attached to x so a backward through an empty batch still runs.
@@ -374,35 +344,6 @@ class MoEMlp(nn.Module):
         # Empty rows of a padded buffer now hold act(b1) @ W2.T + b2, not zeros; combine reads
         # only the rows of kept assignments, so they never reach the output (nor any gradient).
         return combine(y, routing, weights, backend=self.backend)  # [T, Dout]
-
-    @staticmethod
-    def _compute_dtype(x: Tensor) -> torch.dtype:
-        # Custom ops are not autocast-aware: do autocast's job (matmuls in its dtype) by hand,
-        # so fp32 master weights meet bf16/fp16 activations in one dtype.
-        dev = x.device.type
-        if not torch.amp.is_autocast_available(dev):
-            return x.dtype  # e.g. meta tensors
-        return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-
-    def _expert_mlp(self, rows: Tensor, offsets: Tensor) -> Tensor:
-        """This module's experts on ``rows [R, D]`` grouped by expert (``offsets [E+1]``, local
-        experts under expert parallelism) -> ``[R, Dout]``."""
-        be, dt = self.backend, rows.dtype
-        w1, w2 = self.fc1_weight.to(dt), self.fc2_weight.to(dt)
-        b1 = None if self.fc1_bias is None else self.fc1_bias.to(dt)
-        b2 = None if self.fc2_bias is None else self.fc2_bias.to(dt)
-        # Biases ride in the grouped GEMM (fused into each expert's GEMM where the backend can).
-        h = grouped_mm(rows, w1, offsets, bias=b1, backend=be)  # [R, H]
-        if self._plain_gelu():
-            # GELU recomputed in the backward: one [R, H] activation less kept for it.
-            return self.drop2(gelu_grouped_mm(h, w2, offsets, bias=b2, approximate=self.act.approximate, backend=be))
-        h = self.norm(self.drop1(self.act(h))).to(dt)  # [R, H]
-        return self.drop2(grouped_mm(h, w2, offsets, bias=b2, backend=be))  # [R, Dout]
-
-    def _plain_gelu(self) -> bool:
-        """Whether ``norm(drop1(act(h)))`` is just ``gelu(h)``."""
-        drop_off = not self.training or self.drop1.p == 0
-        return type(self.act) is nn.GELU and drop_off and type(self.norm) is nn.Identity
 
     def _expert_parallel(self, x: Tensor, routing: Routing | None, weights: Tensor | None) -> Tensor:
         return expert_parallel.expert_parallel(

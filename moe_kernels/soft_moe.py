@@ -40,23 +40,17 @@ import math
 import torch
 from torch import Tensor, nn
 
-from moe_kernels.ops import gelu_grouped_mm, grouped_mm
+from moe_kernels.experts import ExpertMLPs
 from moe_kernels.routers import _logits
+from moe_kernels.validation import check_positive_int
 
 __all__ = ["SoftMoEMlp", "SoftRouter", "num_slots_for"]
 
 _EPS = 1e-6  # vmoe's normalize(): x * rsqrt(sum(x^2) + eps)
 
 
-def _pair(v):
-    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
-
-
 def _check_int(name: str, v, *, allow_none: bool = False) -> None:
-    if v is None and allow_none:
-        return
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise ValueError(f"SoftMoEMlp: {name} must be an int >= 1{' or None' if allow_none else ''}, got {v!r}")
+    check_positive_int(f"SoftMoEMlp: {name}", v, allow_none=allow_none)
 
 
 def num_slots_for(group_size: int, num_experts: int, capacity_factor: float) -> int:
@@ -161,7 +155,7 @@ class SoftRouter(nn.Module):
         return dispatch, combine
 
 
-class SoftMoEMlp(nn.Module):
+class SoftMoEMlp(ExpertMLPs):
     """Soft MoE in place of timm's ``Mlp`` (module docstring for groups and math).
 
     Experts are ``fc1 -> act -> drop -> norm -> fc2 -> drop`` as in ``MoEMlp``; ``norm_layer``
@@ -251,17 +245,8 @@ class SoftMoEMlp(nn.Module):
         self.aux_loss: Tensor | None = None
 
         self.router = SoftRouter(in_features, num_experts, num_slots, noise_std=noise_std, backend=backend, **dd)
-        E, H, D, Dout = num_experts, hidden_features, in_features, out_features
-        bias1, bias2 = _pair(bias)
-        drop1, drop2 = _pair(drop)
-        self.fc1_weight = nn.Parameter(torch.empty(E, H, D, **dd))
-        self.fc1_bias = nn.Parameter(torch.empty(E, H, **dd)) if bias1 else None
-        self.act = act_layer()
-        self.drop1 = nn.Dropout(drop1)
-        self.norm = norm_layer(H, **dd) if norm_layer is not None else nn.Identity()
-        self.fc2_weight = nn.Parameter(torch.empty(E, Dout, H, **dd))
-        self.fc2_bias = nn.Parameter(torch.empty(E, Dout, **dd)) if bias2 else None
-        self.drop2 = nn.Dropout(drop2)
+        self._init_experts(num_experts, in_features, hidden_features, out_features, act_layer, norm_layer, bias, drop,
+                           **dd)  # fmt: skip
         self.reset_parameters()
 
     @property
@@ -271,13 +256,7 @@ class SoftMoEMlp(nn.Module):
     def reset_parameters(self) -> None:
         """Each expert as ``nn.Linear`` initialises itself; the router as vmoe's."""
         self.router.reset_parameters()
-        for w, b in ((self.fc1_weight, self.fc1_bias), (self.fc2_weight, self.fc2_bias)):
-            bound = 1.0 / math.sqrt(w.shape[2])  # nn.Linear's uniform(+-1/sqrt(fan_in))
-            nn.init.uniform_(w, -bound, bound)
-            if b is not None:
-                nn.init.uniform_(b, -bound, bound)
-        if hasattr(self.norm, "reset_parameters"):
-            self.norm.reset_parameters()
+        self.reset_experts()
 
     def extra_repr(self) -> str:
         return (
@@ -335,36 +314,3 @@ class SoftMoEMlp(nn.Module):
         out = out.view(E, G, P, self.out_features).transpose(0, 1).reshape(G, M, self.out_features)  # [G, M, Dout]
         y = torch.bmm(combine.to(out.dtype), out)  # [G, S, Dout]
         return y.reshape(*lead, self.out_features)
-
-    def _check_dtype(self, x: Tensor) -> None:
-        # As nn.Linear (and MoEMlp): mixing dtypes is an error outside autocast.
-        w = self.fc1_weight
-        dev = x.device.type
-        if x.dtype == w.dtype or (torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)):
-            return
-        raise TypeError(
-            f"SoftMoEMlp: x has dtype {x.dtype} but the layer's parameters have dtype {w.dtype}; convert one"
-            f" (x.to({w.dtype}) or layer.to({x.dtype})), or run under torch.autocast to mix them"
-        )
-
-    @staticmethod
-    def _compute_dtype(x: Tensor) -> torch.dtype:
-        # Custom ops are not autocast-aware: the expert matmuls run in autocast's dtype by hand.
-        dev = x.device.type
-        if not torch.amp.is_autocast_available(dev):
-            return x.dtype
-        return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-
-    def _expert_mlp(self, rows: Tensor, offsets: Tensor) -> Tensor:
-        """The experts on ``rows [R, D]`` grouped by expert (``offsets [E+1]``) -> ``[R, Dout]``."""
-        be, dt = self.backend, rows.dtype
-        w1, w2 = self.fc1_weight.to(dt), self.fc2_weight.to(dt)
-        b1 = None if self.fc1_bias is None else self.fc1_bias.to(dt)
-        b2 = None if self.fc2_bias is None else self.fc2_bias.to(dt)
-        h = grouped_mm(rows, w1, offsets, bias=b1, backend=be)  # [R, H]
-        drop_off = not self.training or self.drop1.p == 0
-        if type(self.act) is nn.GELU and drop_off and type(self.norm) is nn.Identity:
-            # GELU recomputed in the backward: one [R, H] activation less kept for it.
-            return self.drop2(gelu_grouped_mm(h, w2, offsets, bias=b2, approximate=self.act.approximate, backend=be))
-        h = self.norm(self.drop1(self.act(h))).to(dt)  # [R, H]
-        return self.drop2(grouped_mm(h, w2, offsets, bias=b2, backend=be))  # [R, Dout]

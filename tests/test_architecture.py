@@ -75,7 +75,7 @@ def test_no_import_cycle(graph):
 LAYERS = [
     ("validation", "_ext", "kernels"),
     ("backends", "reference", "ops"),
-    ("losses", "routers", "expert_parallel", "soft_moe"),
+    ("losses", "routers", "expert_parallel", "experts", "soft_moe"),
     ("layers", "stats"),
     ("convert", "distributed", "info"),
 ]
