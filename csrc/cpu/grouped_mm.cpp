@@ -4,12 +4,27 @@
 // bitwise identical for 1 or N threads, which a multi-threaded BLAS call does not promise (it
 // may split a long reduction, as in a weight gradient over many rows). Rows past offsets[E]
 // come out 0.
+//
+// bf16/fp16 on CPUs without low-precision matmul units: there ATen emulates the low-precision GEMM
+// element by element (an S/32 bf16 training step took ~33x its fp32 time on an AVX2-only CPU), so
+// each tile is converted to fp32, multiplied by sgemm and rounded once into the output. The CPU's
+// features are read at run time (CPUID); where it has the units (avx512_bf16 or amx_bf16 for bf16,
+// avx512_fp16 or amx_fp16 for fp16) the native path is kept. MOE_KERNELS_CPU_LOWP_GEMM overrides
+// the choice: "auto" (default), "fp32" (always convert) or "native" (never).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cstdint>
+#include <cstdlib>
 #include <exception>
+#include <string>
 #include <vector>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <cpuid.h>
+#define MOEK_X86_CPUID 1
+#endif
 
 #include "../checks.h"
 
@@ -27,6 +42,53 @@ constexpr int64_t kColTile = 128;
 struct Tile {
   int64_t e, lo, hi;
 };
+
+struct LowpUnits {
+  bool bf16, fp16;
+};
+
+#ifdef MOEK_X86_CPUID
+uint64_t xcr0() {
+  uint32_t lo, hi;
+  __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+  return (static_cast<uint64_t>(hi) << 32) | lo;
+}
+#endif
+
+// The CPU's low-precision matmul units, usable only where the OS saves their registers (XCR0:
+// opmask and ZMM state for AVX-512, tile config and data for AMX).
+LowpUnits detect_lowp_units() {
+#ifdef MOEK_X86_CPUID
+  unsigned a, b, c, d;
+  if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & (1u << 27))) return {false, false};  // no OSXSAVE
+  const uint64_t x = xcr0();
+  const bool avx512_os = (x & 0xE6) == 0xE6, amx_os = (x & (3ull << 17)) == (3ull << 17);
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return {false, false};
+  const unsigned leaf7_edx = d, max_subleaf = a;
+  unsigned leaf7_1_eax = 0;
+  if (max_subleaf >= 1 && __get_cpuid_count(7, 1, &a, &b, &c, &d)) leaf7_1_eax = a;
+  const bool avx512_bf16 = leaf7_1_eax & (1u << 5), amx_fp16 = leaf7_1_eax & (1u << 21);
+  const bool amx_bf16 = leaf7_edx & (1u << 22), avx512_fp16 = leaf7_edx & (1u << 23);
+  return {(avx512_os && avx512_bf16) || (amx_os && amx_bf16), (avx512_os && avx512_fp16) || (amx_os && amx_fp16)};
+#else
+  // Detection is x86-only: elsewhere (e.g. ARM with its own bf16 extensions) keep ATen's path.
+  return {true, true};
+#endif
+}
+
+// Whether dtype's GEMMs run natively (true) or on fp32 copies of the tiles (false). Decided once
+// per op call, outside the parallel region; the environment is read each call so tests can force
+// either path.
+bool lowp_native(at::ScalarType dtype) {
+  if (dtype != at::kBFloat16 && dtype != at::kHalf) return true;
+  static const LowpUnits units = detect_lowp_units();
+  const char* env = std::getenv("MOE_KERNELS_CPU_LOWP_GEMM");
+  const std::string mode = env ? env : "";
+  if (mode.empty() || mode == "auto") return dtype == at::kBFloat16 ? units.bf16 : units.fp16;
+  TORCH_CHECK(mode == "fp32" || mode == "native",
+              "moe_kernels: MOE_KERNELS_CPU_LOWP_GEMM must be auto, fp32 or native, got '", mode, "'");
+  return mode == "native";
+}
 
 // Splits [0, n) of every expert e into ceil(n / tile) near-equal tiles (n = rows of e, or a
 // fixed width): 800 rows at tile 512 are 400 + 400, not 512 + 288.
@@ -88,12 +150,19 @@ at::Tensor grouped_mm_cpu(const at::Tensor& x, const at::Tensor& w, const at::Te
   }
   const int64_t* o = offsets.data_ptr<int64_t>();
   auto out = at::empty({M, N}, x.options());
+  const bool to_fp32 = !lowp_native(x.scalar_type());
   const auto tiles = make_tiles(E, kRowTile, [&](int64_t e) { return o[e + 1] - o[e]; });
   for_each_tile(static_cast<int64_t>(tiles.size()), [&](int64_t i) {
     const Tile& t = tiles[i];
     const int64_t r0 = o[t.e] + t.lo, n = t.hi - t.lo;
     at::Tensor dst = out.narrow(0, r0, n);
-    if (bias.has_value()) {
+    if (to_fp32) {
+      // fp32 copies of the tile's rows and the expert's weight (one per tile: the copy costs
+      // Din*N of the GEMM's 2*n*Din*N), accumulated in fp32, rounded once by copy_.
+      const at::Tensor a = x.narrow(0, r0, n).to(at::kFloat);             // [n, Din]
+      const at::Tensor wt = w.select(0, t.e).to(at::kFloat).t();          // [Din, N]
+      dst.copy_(bias.has_value() ? at::addmm(bias->select(0, t.e).to(at::kFloat), a, wt) : at::mm(a, wt));
+    } else if (bias.has_value()) {
       at::addmm_out(dst, bias->select(0, t.e), x.narrow(0, r0, n), w.select(0, t.e).t());
     } else {
       at::mm_out(dst, x.narrow(0, r0, n), w.select(0, t.e).t());
@@ -115,13 +184,19 @@ at::Tensor grouped_mm_weight_grad_cpu(const at::Tensor& x, const at::Tensor& gra
   const int64_t* o = offsets.data_ptr<int64_t>();
   const int64_t N = grad_out.size(1);
   auto dw = at::empty({E, N, x.size(1)}, x.options());
+  const bool to_fp32 = !lowp_native(x.scalar_type());
   // Tiles over output columns: each keeps the whole reduction over the expert's rows.
   const auto tiles = make_tiles(E, kColTile, [&](int64_t) { return N; });
   for_each_tile(static_cast<int64_t>(tiles.size()), [&](int64_t i) {
     const Tile& t = tiles[i];
     const int64_t n = o[t.e + 1] - o[t.e];
     at::Tensor dst = dw.select(0, t.e).narrow(0, t.lo, t.hi - t.lo);
-    if (n > 0) {
+    if (n > 0 && to_fp32) {
+      // The expert's x rows are converted once per column tile: n*Din against 2*n*Din*128 FLOPs.
+      const at::Tensor g = grad_out.narrow(0, o[t.e], n).narrow(1, t.lo, t.hi - t.lo).to(at::kFloat);  // [n, cols]
+      const at::Tensor a = x.narrow(0, o[t.e], n).to(at::kFloat);                                       // [n, Din]
+      dst.copy_(at::mm(g.t(), a));
+    } else if (n > 0) {
       at::mm_out(dst, grad_out.narrow(0, o[t.e], n).narrow(1, t.lo, t.hi - t.lo).t(), x.narrow(0, o[t.e], n));
     } else {
       dst.zero_();
@@ -132,6 +207,12 @@ at::Tensor grouped_mm_weight_grad_cpu(const at::Tensor& x, const at::Tensor& gra
 
 }  // namespace
 }  // namespace moek
+
+// Which path the CPU grouped GEMM takes for dtype now (MOE_KERNELS_CPU_LOWP_GEMM included): for
+// tests and `python -m bench`. Catch-all, like cuda_built: no CPU kernel, so the op list is unchanged.
+TORCH_LIBRARY_FRAGMENT(moe_kernels_C, m) {
+  m.def("cpu_lowp_gemm_native(ScalarType dtype) -> bool", &moek::lowp_native);
+}
 
 TORCH_LIBRARY_IMPL(moe_kernels_C, CPU, m) {
   m.impl("grouped_mm", &moek::grouped_mm_cpu);
