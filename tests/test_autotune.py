@@ -40,17 +40,31 @@ def recorders(monkeypatch):
     rec = {name: (Recorder(), Recorder()) for name in _triton.GEMM_KERNELS}
     patched = {name: (rec[name][0], rec[name][1], cands) for name, (_, _, cands) in _triton.GEMM_KERNELS.items()}
     monkeypatch.setattr(_triton, "GEMM_KERNELS", patched)
+    rec["split_sum"] = Recorder()
+    monkeypatch.setattr(_triton, "SPLIT_SUM_KERNEL", rec["split_sum"])
     monkeypatch.setattr(gm, "_device_max_shared", lambda: H100_SHARED)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     return rec
 
 
-def _call_both(M=300, KD=64, N=96, E=3):
+# The plain kernels, by GEMM_KERNELS name (the recorders stand in for GEMM_KERNELS' entries).
+_PLAIN = {
+    "grouped_mm": gm._grouped_mm_kernel,
+    "grouped_mm_weight_grad": gm._grouped_mm_weight_grad_kernel,
+    "grouped_mm_weight_grad_split": gm._grouped_mm_weight_grad_split_kernel,
+}
+
+
+def _gemm_recorders(rec):
+    return {name: pair for name, pair in rec.items() if name != "split_sum"}
+
+
+def _call_both(M=300, KD=64, N=96, E=3, split=1):
     x = torch.randn(M, KD)
     w = torch.randn(E, N, KD)
     offsets = torch.tensor([0, 100, 100, M])
     _triton.grouped_mm(x, w, offsets)
-    _triton.grouped_mm_weight_grad(x, torch.randn(M, N), offsets)
+    _triton.grouped_mm_weight_grad(x, torch.randn(M, N), offsets, split=split)
 
 
 def test_m_bucket():
@@ -68,10 +82,12 @@ def test_autotune_keys_bucket_m_not_m():
 def test_autotuned_launch_passes_the_bucket(recorders, monkeypatch):
     monkeypatch.delenv(_config.PIN_ENV, raising=False)
     _call_both(M=300)
-    for name, (tuned, plain) in recorders.items():
+    _triton.grouped_mm_weight_grad(torch.randn(300, 64), torch.randn(300, 96), torch.tensor([0, 100, 100, 300]),
+                                   split=2)  # fmt: skip
+    for name, (tuned, plain) in _gemm_recorders(recorders).items():
         assert len(tuned.calls) == 1 and not plain.calls, name
         _, args, _ = tuned.calls[0]
-        names = (gm._grouped_mm_kernel if name == "grouped_mm" else gm._grouped_mm_weight_grad_kernel).arg_names
+        names = _PLAIN[name].arg_names
         assert args[names.index("M_BUCKET")] == 512 and args[names.index("M")] == 300
 
 
@@ -84,9 +100,14 @@ def _launched(plain: Recorder):
 def test_pin_first_launches_the_first_fitting_config(recorders, monkeypatch):
     monkeypatch.setenv(_config.PIN_ENV, "first")
     _call_both(M=300, KD=64, N=96)
-    for name, (tuned, plain) in recorders.items():
+    for name, (tuned, plain) in _gemm_recorders(recorders).items():
+        if name == "grouped_mm_weight_grad_split":
+            assert not tuned.calls and not plain.calls
+            continue
         assert not tuned.calls, name
-        want = gm.prune_configs(_triton.GEMM_KERNELS[name][2], 4, H100_SHARED, wgrad=name != "grouped_mm")[0]
+        # fp32 without TF32: the weight gradient's IEEE candidates
+        cands = gm.GROUPED_MM_CONFIGS if name == "grouped_mm" else gm.wgrad_configs(True)
+        want = gm.prune_configs(cands, 4, H100_SHARED, wgrad=name != "grouped_mm")[0]
         grid, cfg, warps, stages = _launched(plain)
         assert cfg == want.kwargs and (warps, stages) == (want.num_warps, want.num_stages), name
         if name == "grouped_mm":  # the grid follows the pinned tile
@@ -102,7 +123,7 @@ def test_pin_explicit_config(recorders, monkeypatch):
     assert cfg == {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 8} and (warps, stages) == (4, 2)
     # the kernel not named gets its first fitting candidate
     _, cfg, _, _ = _launched(recorders["grouped_mm_weight_grad"][1])
-    assert cfg == gm.prune_configs(gm.GROUPED_MM_WGRAD_CONFIGS, 4, H100_SHARED, wgrad=True)[0].kwargs
+    assert cfg == gm.prune_configs(gm.wgrad_configs(True), 4, H100_SHARED, wgrad=True)[0].kwargs
 
 
 @pytest.mark.parametrize(
@@ -136,3 +157,64 @@ def test_pin_modes():
             os.environ.pop(_config.PIN_ENV, None)
         else:
             os.environ[_config.PIN_ENV] = env
+
+
+# ---------------------------------------------------------------- the weight gradient's row split
+
+
+def test_router_weight_grad_grid_fills_two_waves(recorders, monkeypatch):
+    """The issue's launcher check: the router's weight gradient (a one-expert GEMM, T=12608,
+    D=768, E=32) launches at least 2 x 132 programs, for the pinned config and autotuned."""
+    T, D, E = 12608, 768, 32
+    x, g, offsets = torch.randn(T, D), torch.randn(T, E), torch.tensor([0, T])
+    for pin in ("first", "autotune"):
+        monkeypatch.setenv(_config.PIN_ENV, pin)
+        rec = {name: (Recorder(), Recorder()) for name in _PLAIN}
+        patched = {name: (rec[name][0], rec[name][1], _triton.GEMM_KERNELS[name][2]) for name in _PLAIN}
+        monkeypatch.setattr(_triton, "GEMM_KERNELS", patched)
+        sums = Recorder()
+        monkeypatch.setattr(_triton, "SPLIT_SUM_KERNEL", sums)
+        dw = _triton.grouped_mm_weight_grad(x, g, offsets)
+        assert dw.shape == (1, E, D)
+        tuned, plain = rec["grouped_mm_weight_grad_split"]
+        assert not rec["grouped_mm_weight_grad"][0].calls and not rec["grouped_mm_weight_grad"][1].calls
+        if pin == "first":
+            ((grid, args, kwargs),) = plain.calls
+            grids = [grid]
+        else:
+            ((grid_fn, args, kwargs),) = tuned.calls
+            # every candidate the autotuner may time or keep
+            fitting = gm.prune_configs(gm.wgrad_configs(True), 4, H100_SHARED, wgrad=True)
+            grids = [grid_fn(c.kwargs) for c in fitting]
+        split = args[_PLAIN["grouped_mm_weight_grad_split"].arg_names.index("SPLIT")]
+        for grid in grids:
+            assert len(grid) == 3 and grid[1:] == (1, split)
+            assert grid[0] * grid[1] * grid[2] >= 2 * 132, grid
+        ws = args[2]
+        assert ws.dtype == torch.float32 and tuple(ws.shape) == (split, 1, E, D)
+        ((sum_grid, sum_args, _),) = sums.calls
+        assert sum_args[0] is ws and sum_args[1] is dw and sum_args[3] == split
+
+
+@pytest.mark.parametrize(
+    "M,N,KD,E,ieee,want",
+    [
+        (12608, 32, 768, 1, True, 22),  # the router (fp32): 12 tiles of 32x64 at most -> 264 / 12
+        (12608, 32, 768, 1, False, 44),  # the same in bf16: 6 tiles of 32x128 -> 264 / 6
+        (300, 96, 64, 3, False, 1),  # under SPLIT_MIN_ROWS rows per split: not split
+        (100_000, 3072, 768, 8, False, 1),  # ViT-B experts: 1152 tiles already
+        (4096, 768, 192, 10, False, 3),  # Mobile V-MoE-sized experts: 120 tiles -> 3 splits
+    ],
+)
+def test_wgrad_split_choice(M, N, KD, E, ieee, want):
+    configs = gm.prune_configs(gm.wgrad_configs(ieee), 4 if ieee else 2, H100_SHARED, wgrad=True)
+    split = _triton.wgrad_split(M, N, KD, E, configs, 132)
+    assert split == want
+    tiles = min(triton.cdiv(N, c.kwargs["BLOCK_N"]) * triton.cdiv(KD, c.kwargs["BLOCK_K"]) for c in configs) * E
+    assert split == 1 or tiles * split >= 264 or split == M // _triton.SPLIT_MIN_ROWS
+
+
+def test_wgrad_split_caps_the_workspace():
+    configs = gm.prune_configs(gm.GROUPED_MM_WGRAD_CONFIGS, 2, H100_SHARED, wgrad=True)
+    split = _triton.wgrad_split(1 << 20, 4096, 4096, 1, configs, 132)
+    assert split * 4096 * 4096 * 4 <= _triton.SPLIT_WORKSPACE_BYTES

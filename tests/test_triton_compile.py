@@ -197,3 +197,55 @@ def test_interpreter_uses_one_config(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert len(autotune_configs(gm.GROUPED_MM_CONFIGS, gm.GROUPED_MM_CONFIGS[-1])) == 1
     assert len(gm.GROUPED_MM_CONFIGS) > 1
+
+
+# ---------------------------------------------------------------------------------------------
+# The weight gradient split over rows (the router's path: fp32 in, IEEE products) and the sum
+# of its partial results: every config the launcher can pick, fp16 with tensor cores, fp32
+# (the router's dtype, split and not) within shared memory and without spills.
+
+
+def _split_case(dt: str):
+    i32 = "i32"
+    sig = dict(X_ptr=f"*{dt}", G_ptr=f"*{dt}", WS_ptr="*fp32", Off_ptr="*i64", M=i32, N=i32, KD=i32, M_BUCKET=i32,
+               SPLIT=i32, stride_xm=i32, stride_gm=i32, stride_ws=i32, stride_we=i32, stride_wn=i32)  # fmt: skip
+    div = ["X_ptr", "G_ptr", "WS_ptr", "Off_ptr", "N", "KD", "M_BUCKET", "stride_xm", "stride_gm", "stride_ws",
+           "stride_we", "stride_wn"]  # fmt: skip
+    return gm._grouped_mm_weight_grad_split_kernel, sig, dict(stride_xk=1, stride_gn=1), div
+
+
+def _wgrad_configs(cc: int, dt: str) -> list:
+    """What the launcher can pick: fp32 (IEEE products) has its own candidates."""
+    if dt == "fp32":
+        return gm.prune_configs(gm.wgrad_configs(True), 4, SHARED_LIMIT[cc], wgrad=True)
+    return gemm_configs("weight_grad", cc, 2)
+
+
+SPLIT_CASES = [
+    pytest.param(split, cc, dt, i, id=f"{'split' if split else 'plain'}-sm{cc}-{dt}-{_cfg_id(c)}")
+    for split in (True, False)
+    for cc in CCS
+    for dt in (("fp16", "fp32") if split else ("fp32",))  # the plain kernel's fp16/bf16: above
+    for i, c in enumerate(_wgrad_configs(cc, dt))
+]
+
+
+@pytest.mark.parametrize("split,cc,dt,index", SPLIT_CASES)
+def test_grouped_mm_weight_grad_split_compiles(split, cc, dt, index):
+    cfg = _wgrad_configs(cc, dt)[index]
+    fn, sig, const, div = _split_case(dt) if split else gemm_signature("weight_grad", dt)
+    const.update(INPUT_PRECISION="tf32" if dt == "fp16" else "ieee", DOT_FP32=False, **cfg.kwargs)
+    kernel = _compile(fn, cc, sig, const, div, cfg.num_warps, cfg.num_stages)
+    _check_shared(kernel, cc)
+    if dt == "fp16":
+        assert MMA[cc] in kernel.asm["ptx"], f"no {MMA[cc]} in the split weight gradient on sm_{cc}"
+    _check_no_spills(kernel, f"weight gradient (split={split}) on sm_{cc} with {_cfg_id(cfg)} ({dt})")
+
+
+@pytest.mark.parametrize("dt", ["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("cc", CCS, ids=[f"sm{c}" for c in CCS])
+def test_split_sum_compiles(cc, dt):
+    sig = dict(WS_ptr="*fp32", Out_ptr=f"*{dt}", NUMEL="i32", SPLIT="i32")
+    kernel = _compile(gm._split_sum_kernel, cc, sig, dict(BLOCK=1024), ["WS_ptr", "Out_ptr", "NUMEL"], 4)
+    _check_shared(kernel, cc)
+    _check_no_spills(kernel, f"split sum on sm_{cc} ({dt})")

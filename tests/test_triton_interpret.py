@@ -327,3 +327,57 @@ def test_grouped_mm_fused_bias(dt):
     exact = reference.grouped_mm(x.double(), w.double(), offsets, b.double())
     _close_lowp(got, want, exact, dt)
     assert not got[25:].any()
+
+
+# ---------------------------------------------------------------------------------------------
+# The weight gradient split over rows (split-K over M: fp32 partial sums per split, then a sum
+# in split order). (rows per expert, padding rows, Din, N, splits).
+WGRAD_SPLIT = [
+    ([200], 0, 40, 24, 3),  # one expert, the router's case: 7 row blocks over 3 splits
+    ([0, 130, 1, 59], 0, 40, 24, 4),  # an empty expert; one of 1 row (fewer blocks than splits)
+    ([10, 20], 7, 17, 9, 5),  # padding rows past offsets[E]; odd widths; most splits empty
+    ([64, 0, 0], 0, 32, 32, 2),  # all rows on one expert, exactly 2 blocks
+]
+
+
+@in_child
+@pytest.mark.parametrize("dt", ["f32", "f16"])
+@pytest.mark.parametrize(
+    "sizes,pad,Din,N,split", WGRAD_SPLIT, ids=[f"E{len(c[0])}-M{sum(c[0]) + c[1]}-S{c[4]}" for c in WGRAD_SPLIT]
+)
+def test_grouped_mm_weight_grad_split(sizes, pad, Din, N, split, dt):
+    from moe_kernels.ops import _triton
+
+    dtype = DTYPES[dt][0]
+    offsets = torch.tensor([0] + sizes).cumsum(0)
+    M = int(offsets[-1]) + pad
+    x, g = torch.randn(M, Din).to(dtype), torch.randn(M, N).to(dtype)
+    got = _triton.grouped_mm_weight_grad(x, g, offsets, split=split)
+    assert torch.equal(got, _triton.grouped_mm_weight_grad(x, g, offsets, split=split))  # run to run
+    want = reference.grouped_mm_weight_grad(x, g, offsets)
+    _close_lowp(got, want, reference.grouped_mm_weight_grad(x.double(), g.double(), offsets), dt)
+    for e, n in enumerate(sizes):
+        if n == 0:
+            assert not got[e].any(), f"expert {e} has no rows: its gradient must be 0"
+
+
+@in_child
+def test_router_weight_grad_splits_and_matches_reference():
+    """The router's logits through the public path: 600 tokens are split in 2 by the launcher
+    (SPLIT_MIN_ROWS rows each) and the weight gradient equals the reference's."""
+    from moe_kernels import routers
+    from moe_kernels.ops import _triton
+
+    assert _triton.wgrad_split(600, 5, 40, 1, [_triton.GEMM_KERNELS["grouped_mm_weight_grad"][2][0]], 132) == 2
+    x0, w0, gy = torch.randn(600, 40), torch.randn(5, 40), torch.randn(600, 5)
+    res = {}
+    for backend in ("triton", "torch"):
+        x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+        logits = routers._logits(x, w, backend=backend)
+        res[backend] = (logits, *torch.autograd.grad(logits, (x, w), gy))
+    for a, b in zip(res["triton"], res["torch"], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
+    x = x0.clone().requires_grad_()
+    w = w0.clone().requires_grad_()
+    (gw,) = torch.autograd.grad(routers._logits(x, w, backend="triton"), (w,), gy)
+    assert torch.equal(gw, res["triton"][2])  # bitwise from run to run

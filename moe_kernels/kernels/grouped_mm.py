@@ -19,7 +19,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from moe_kernels.kernels._config import autotune_configs
+from moe_kernels.kernels._config import autotune_configs, interpreting
 
 
 def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int, group_m: int = 8) -> triton.Config:
@@ -59,6 +59,26 @@ GROUPED_MM_WGRAD_CONFIGS = autotune_configs(
 )
 
 
+# fp32 with IEEE products (the router's GEMMs; fp32 training without TF32) lowers tl.dot to
+# FMAs, which hold far more per thread than tensor-core tiles: on sm_80 the list above spills
+# (64x128x64/4 warps 1868 words, 64x64x64/4 warps 6, 32x64x128 18, 32x64x64/4 warps 52 in
+# the unsplit kernel; read from the SASS). These spill on neither sm_80 nor sm_90, split or
+# not (tests/test_triton_compile.py).
+GROUPED_MM_WGRAD_IEEE_CONFIGS = autotune_configs(
+    [
+        _cfg(64, 64, 64, 8, 3),
+        _cfg(32, 64, 32, 4, 3),
+        _cfg(32, 32, 64, 4, 3),
+    ],
+    interpret=GROUPED_MM_WGRAD_CONFIGS[0],
+)
+
+
+def wgrad_configs(ieee_fp32: bool) -> list:
+    """The weight-gradient candidates for fp32 with IEEE products, or for everything else."""
+    return GROUPED_MM_WGRAD_IEEE_CONFIGS if ieee_fp32 else GROUPED_MM_WGRAD_CONFIGS
+
+
 def smem_estimate(cfg: triton.Config, elem_size: int, wgrad: bool = False) -> int:
     """Bytes of shared memory the software pipeline needs for the two operand tiles."""
     bm, bn, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
@@ -82,7 +102,9 @@ def _prune_fwd(configs, named_args, **kwargs):
 
 
 def _prune_wgrad(configs, named_args, **kwargs):
-    return prune_configs(configs, named_args["X_ptr"].element_size(), _device_max_shared(), wgrad=True)
+    elem_size = named_args["X_ptr"].element_size()
+    family = wgrad_configs(elem_size == 4 and kwargs.get("INPUT_PRECISION") == "ieee")
+    return prune_configs([c for c in configs if c in family], elem_size, _device_max_shared(), wgrad=True)
 
 
 @triton.jit
@@ -189,6 +211,50 @@ def _grouped_mm_kernel(
 
 
 @triton.jit
+def _wgrad_tile(
+    X_ptr,
+    G_ptr,
+    row_first,
+    row_end,
+    rn,
+    rk,
+    n_ok,
+    k_ok,
+    stride_xm,
+    stride_xk,
+    stride_gm,
+    stride_gn,
+    INPUT_PRECISION: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """g[rows].T @ x[rows] over rows [row_first, row_end), BLOCK_M rows a step in row order:
+    the [BLOCK_N, BLOCK_K] fp32 accumulator both weight-gradient kernels share."""
+    rm = tl.arange(0, BLOCK_M)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for m0 in range(row_first, row_end, BLOCK_M):
+        rows = (m0 + rm).to(tl.int64)
+        m_ok = rows < row_end
+        g = tl.load(
+            G_ptr + rows[None, :] * stride_gm + rn[:, None].to(tl.int64) * stride_gn,
+            mask=n_ok[:, None] & m_ok[None, :],
+            other=0.0,
+        )
+        x = tl.load(
+            X_ptr + rows[:, None] * stride_xm + rk[None, :].to(tl.int64) * stride_xk,
+            mask=m_ok[:, None] & k_ok[None, :],
+            other=0.0,
+        )
+        if DOT_FP32:
+            g = g.to(tl.float32)
+            x = x.to(tl.float32)
+        acc = tl.dot(g, x, acc, input_precision=INPUT_PRECISION)
+    return acc
+
+
+@triton.jit
 def _grouped_mm_weight_grad_kernel(
     X_ptr,
     G_ptr,
@@ -220,37 +286,87 @@ def _grouped_mm_weight_grad_kernel(
     pid = tl.program_id(0)
     e = tl.program_id(1)
     num_k = tl.cdiv(KD, BLOCK_K)
-    pid_n = pid // num_k
-    pid_k = pid % num_k
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    rm = tl.arange(0, BLOCK_M)
+    rn = (pid // num_k) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = (pid % num_k) * BLOCK_K + tl.arange(0, BLOCK_K)
     n_ok = rn < N
     k_ok = rk < KD
     # Clamped to [0, M]: GPU offsets are not validated on the host (that would be a sync).
     start = tl.maximum(tl.load(Off_ptr + e), 0)
     end = tl.minimum(tl.load(Off_ptr + e + 1), M)
-
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for m0 in range(start, end, BLOCK_M):
-        rows = m0 + rm
-        m_ok = rows < end
-        g = tl.load(
-            G_ptr + rows[None, :] * stride_gm + rn[:, None].to(tl.int64) * stride_gn,
-            mask=n_ok[:, None] & m_ok[None, :],
-            other=0.0,
-        )
-        x = tl.load(
-            X_ptr + rows[:, None] * stride_xm + rk[None, :].to(tl.int64) * stride_xk,
-            mask=m_ok[:, None] & k_ok[None, :],
-            other=0.0,
-        )
-        if DOT_FP32:
-            g = g.to(tl.float32)
-            x = x.to(tl.float32)
-        acc = tl.dot(g, x, acc, input_precision=INPUT_PRECISION)
+    acc = _wgrad_tile(X_ptr, G_ptr, start, end, rn, rk, n_ok, k_ok, stride_xm, stride_xk, stride_gm, stride_gn,
+                      INPUT_PRECISION, DOT_FP32, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
     dw_ptrs = DW_ptr + e.to(tl.int64) * stride_we + rn[:, None].to(tl.int64) * stride_wn + rk[None, :] * stride_wk
     tl.store(dw_ptrs, acc.to(DW_ptr.dtype.element_ty), mask=n_ok[:, None] & k_ok[None, :])
+
+
+@triton.jit
+def _grouped_mm_weight_grad_split_kernel(
+    X_ptr,
+    G_ptr,
+    WS_ptr,
+    Off_ptr,
+    M,
+    N,
+    KD,
+    M_BUCKET,
+    SPLIT,
+    stride_xm,
+    stride_xk,
+    stride_gm,
+    stride_gn,
+    stride_ws,
+    stride_we,
+    stride_wn,
+    INPUT_PRECISION: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """Grid ``(cdiv(N, BLOCK_N) * cdiv(KD, BLOCK_K), E, SPLIT)``: the weight gradient split over
+    rows (split-K over M) for grids too small to fill the GPU (the router: E=1, N=32). Program
+    (tile, e, s) owns the [BLOCK_N, BLOCK_K] tile of the fp32 workspace ws[s, e] (ws [SPLIT, E,
+    N, KD], inner stride 1): g.T @ x over the s-th of SPLIT near-equal runs of whole BLOCK_M
+    row blocks of expert e (block b of the expert's nb goes to the split s with
+    s*nb//SPLIT <= b < (s+1)*nb//SPLIT). Blocks start at the expert's first row, as in the
+    unsplit kernel; a split without rows writes zeros. ``_split_sum_kernel`` then adds the
+    SPLIT partial sums in split order: no atomics, so the bits depend on the shapes and the
+    config, never on timing. ``M_BUCKET`` and ``SPLIT`` are read by the autotuner's key too.
+    """
+    pid = tl.program_id(0)
+    e = tl.program_id(1)
+    s = tl.program_id(2)
+    num_k = tl.cdiv(KD, BLOCK_K)
+    rn = (pid // num_k) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = (pid % num_k) * BLOCK_K + tl.arange(0, BLOCK_K)
+    n_ok = rn < N
+    k_ok = rk < KD
+    start = tl.maximum(tl.load(Off_ptr + e), 0)
+    end = tl.minimum(tl.load(Off_ptr + e + 1), M)
+    blocks = tl.cdiv(tl.maximum(end - start, 0), BLOCK_M)
+    first = start + (s * blocks // SPLIT) * BLOCK_M
+    stop = tl.minimum(start + ((s + 1) * blocks // SPLIT) * BLOCK_M, end)
+    acc = _wgrad_tile(X_ptr, G_ptr, first, stop, rn, rk, n_ok, k_ok, stride_xm, stride_xk, stride_gm, stride_gn,
+                      INPUT_PRECISION, DOT_FP32, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+    ws_ptrs = (WS_ptr + s.to(tl.int64) * stride_ws + e.to(tl.int64) * stride_we
+               + rn[:, None].to(tl.int64) * stride_wn + rk[None, :])  # fmt: skip
+    tl.store(ws_ptrs, acc, mask=n_ok[:, None] & k_ok[None, :])
+
+
+@triton.jit
+def _split_sum_kernel(WS_ptr, Out_ptr, NUMEL, SPLIT, BLOCK: tl.constexpr):
+    """Grid ``(cdiv(NUMEL, BLOCK),)``: each program owns BLOCK consecutive elements of out
+    [NUMEL] = sum over s of ws[s] (ws [SPLIT, NUMEL] fp32, contiguous), added in the order
+    s = 0, 1, ... in fp32 and rounded once to out's dtype."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < NUMEL
+    ws_ptrs = WS_ptr + offs
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for _ in range(0, SPLIT):
+        acc += tl.load(ws_ptrs, mask=ok, other=0.0)
+        ws_ptrs += NUMEL
+    tl.store(Out_ptr + offs, acc.to(Out_ptr.dtype.element_ty), mask=ok)
 
 
 def fitting_configs(configs: list, elem_size: int, wgrad: bool = False) -> list:
@@ -266,8 +382,18 @@ grouped_mm_kernel = triton.autotune(
     prune_configs_by={"early_config_prune": _prune_fwd},
 )(_grouped_mm_kernel)
 
+# Both candidate families, the pruning keeps the one for the launch's dtype and precision
+# (the interpreter has one config, which is both families).
+_WGRAD_ALL = GROUPED_MM_WGRAD_CONFIGS if interpreting() else GROUPED_MM_WGRAD_CONFIGS + GROUPED_MM_WGRAD_IEEE_CONFIGS
+
 grouped_mm_weight_grad_kernel = triton.autotune(
-    configs=GROUPED_MM_WGRAD_CONFIGS,
-    key=["M_BUCKET", "N", "KD"],
+    configs=_WGRAD_ALL,
+    key=["M_BUCKET", "N", "KD", "INPUT_PRECISION"],
     prune_configs_by={"early_config_prune": _prune_wgrad},
 )(_grouped_mm_weight_grad_kernel)
+
+grouped_mm_weight_grad_split_kernel = triton.autotune(
+    configs=_WGRAD_ALL,
+    key=["M_BUCKET", "N", "KD", "INPUT_PRECISION", "SPLIT"],
+    prune_configs_by={"early_config_prune": _prune_wgrad},
+)(_grouped_mm_weight_grad_split_kernel)

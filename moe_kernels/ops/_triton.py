@@ -256,7 +256,41 @@ def grouped_mm(x: Tensor, w: Tensor, offsets: Tensor, bias: Tensor | None = None
     return out
 
 
-def grouped_mm_weight_grad(x: Tensor, grad_out: Tensor, offsets: Tensor) -> Tensor:
+# The weight gradient's grid is (dW tiles) x E programs, 6-12 for the router (E=1, N=32,
+# D=768) where a GPU has 132 SMs. Below two waves of the device's SMs the rows are split
+# (_grouped_mm_weight_grad_split_kernel); 132 (H100/H200, the design target) is used when no
+# GPU can be asked (the interpreter, launch-grid tests).
+DEFAULT_NUM_SMS = 132
+# A split reduces at least this many rows (a few BLOCK_M steps per program: below that the
+# workspace round trip costs more than the extra programs gain).
+SPLIT_MIN_ROWS = 256
+# The fp32 workspace [SPLIT, E, N, KD] stays within this (it only matters for small grids of
+# large experts: the router's is 44 x 96 KiB).
+SPLIT_WORKSPACE_BYTES = 64 << 20
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count  # cached by torch, no sync
+    return DEFAULT_NUM_SMS
+
+
+def wgrad_split(M: int, N: int, KD: int, E: int, configs: list, num_sms: int) -> int:
+    """How many row splits the weight gradient gets: enough that the grid has at least
+    2 x ``num_sms`` programs for the config with the fewest dW tiles among ``configs`` (those
+    the launch may use), at most ``M // SPLIT_MIN_ROWS`` and what the workspace allows; 1 (the
+    unsplit kernel, no workspace) when the plain grid is large enough."""
+    tiles = E * min(triton.cdiv(N, c.kwargs["BLOCK_N"]) * triton.cdiv(KD, c.kwargs["BLOCK_K"]) for c in configs)
+    target = 2 * num_sms
+    if tiles >= target:
+        return 1
+    cap = min(M // SPLIT_MIN_ROWS, SPLIT_WORKSPACE_BYTES // (4 * E * N * KD))
+    return max(1, min(triton.cdiv(target, tiles), cap))
+
+
+def grouped_mm_weight_grad(x: Tensor, grad_out: Tensor, offsets: Tensor, *, split: int | None = None) -> Tensor:
+    """``dw[e] = grad_out[rows of e].T @ x[rows of e]``; ``split`` forces the number of row
+    splits (tests), else ``wgrad_split`` chooses it."""
     M, KD = x.shape
     N = grad_out.shape[1]
     E = offsets.shape[0] - 1
@@ -264,22 +298,42 @@ def grouped_mm_weight_grad(x: Tensor, grad_out: Tensor, offsets: Tensor) -> Tens
     if E == 0 or N == 0 or KD == 0:
         return dw
     offsets = offsets.to(torch.int64).contiguous()
+    name = "grouped_mm_weight_grad"
+    dot = _dot_options(x.dtype)
+    candidates = _gm.wgrad_configs(x.element_size() == 4 and dot["INPUT_PRECISION"] == "ieee")
+    if split is None:
+        fitting = _gm.fitting_configs
+        pinned = _config.pinned_config(name, candidates, lambda cs: fitting(cs, x.element_size(), wgrad=True))
+        configs = [pinned] if pinned is not None else fitting(candidates, x.element_size(), wgrad=True)
+        split = wgrad_split(M, N, KD, E, configs, _num_sms(x.device))
 
     def grid(meta):
-        return (triton.cdiv(N, meta["BLOCK_N"]) * triton.cdiv(KD, meta["BLOCK_K"]), E)
+        return (triton.cdiv(N, meta["BLOCK_N"]) * triton.cdiv(KD, meta["BLOCK_K"]), E, *((split,) if split > 1 else ()))
 
+    if split == 1:
+        args = (
+            x, grad_out, dw, offsets, M, N, KD, _config.m_bucket(M),
+            x.stride(0), x.stride(1), grad_out.stride(0), grad_out.stride(1),
+            dw.stride(0), dw.stride(1), dw.stride(2),
+        )  # fmt: skip
+        with _on_device(x):
+            _launch_gemm(name, grid, args, x.element_size(), wgrad=True, candidates=candidates, **dot)
+        return dw
+    ws = torch.empty(split, E, N, KD, dtype=torch.float32, device=x.device)  # [SPLIT, E, N, KD]
     args = (
-        x, grad_out, dw, offsets, M, N, KD, _config.m_bucket(M),
-        x.stride(0), x.stride(1), grad_out.stride(0), grad_out.stride(1),
-        dw.stride(0), dw.stride(1), dw.stride(2),
+        x, grad_out, ws, offsets, M, N, KD, _config.m_bucket(M), split,
+        x.stride(0), x.stride(1), grad_out.stride(0), grad_out.stride(1), ws.stride(0), ws.stride(1), ws.stride(2),
     )  # fmt: skip
     with _on_device(x):
-        _launch_gemm("grouped_mm_weight_grad", grid, args, x.element_size(), wgrad=True, **_dot_options(x.dtype))
+        _launch_gemm(name + "_split", grid, args, x.element_size(), wgrad=True, pin=name, candidates=candidates, **dot)
+        block = 1024
+        SPLIT_SUM_KERNEL[(triton.cdiv(dw.numel(), block),)](ws, dw, dw.numel(), split, BLOCK=block, num_warps=4)
     return dw
 
 
-# The grouped GEMMs' kernels by the names MOE_KERNELS_TRITON_CONFIG uses: (autotuned, plain
-# @triton.jit, candidates). Looked up at launch time, so tests can put a recorder in their place.
+# The grouped GEMMs' kernels: (autotuned, plain @triton.jit, candidates), by the names
+# MOE_KERNELS_TRITON_CONFIG uses (the split weight gradient is pinned as grouped_mm_weight_grad).
+# Looked up at launch time, as is the split sum, so tests can put recorders in their place.
 GEMM_KERNELS = {
     "grouped_mm": (_gm.grouped_mm_kernel, _gm._grouped_mm_kernel, _gm.GROUPED_MM_CONFIGS),
     "grouped_mm_weight_grad": (
@@ -287,14 +341,32 @@ GEMM_KERNELS = {
         _gm._grouped_mm_weight_grad_kernel,
         _gm.GROUPED_MM_WGRAD_CONFIGS,
     ),
+    "grouped_mm_weight_grad_split": (
+        _gm.grouped_mm_weight_grad_split_kernel,
+        _gm._grouped_mm_weight_grad_split_kernel,
+        _gm.GROUPED_MM_WGRAD_CONFIGS,
+    ),
 }
+SPLIT_SUM_KERNEL = _gm._split_sum_kernel
 
 
-def _launch_gemm(name: str, grid, args: tuple, elem_size: int, *, wgrad: bool, **constexprs) -> None:
+def _launch_gemm(
+    name: str,
+    grid,
+    args: tuple,
+    elem_size: int,
+    *,
+    wgrad: bool,
+    pin: str | None = None,
+    candidates: list | None = None,
+    **constexprs,
+) -> None:
     """Launch grouped GEMM ``name``: autotuned, or with the config ``MOE_KERNELS_TRITON_CONFIG``
-    pins (kernels/_config.py)."""
-    tuned, plain, candidates = GEMM_KERNELS[name]
-    cfg = _config.pinned_config(name, candidates, lambda cs: _gm.fitting_configs(cs, elem_size, wgrad=wgrad))
+    pins for ``pin`` (default ``name``) among ``candidates`` (default: its GEMM_KERNELS entry's;
+    kernels/_config.py)."""
+    tuned, plain, default_candidates = GEMM_KERNELS[name]
+    candidates = default_candidates if candidates is None else candidates
+    cfg = _config.pinned_config(pin or name, candidates, lambda cs: _gm.fitting_configs(cs, elem_size, wgrad=wgrad))
     if cfg is None:
         tuned[grid](*args, **constexprs)
         return
