@@ -1,4 +1,5 @@
-"""PNG plots of a run: accuracy curves and a class-by-expert routing heat map (matplotlib, Agg)."""
+"""PNG plots of a run: accuracy curves, expert use per MoE layer over training, and a
+class-by-expert routing heat map (matplotlib, Agg)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-__all__ = ["plot_accuracy", "plot_routing"]
+__all__ = ["plot_accuracy", "plot_expert_use", "plot_routing"]
 
 
 def plot_accuracy(histories: dict[str, list[dict]], path: str) -> None:
@@ -63,3 +64,34 @@ def plot_routing(matrices: dict[str, np.ndarray], class_names: list[str], path: 
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="share of the class's assignments")
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
+
+
+def plot_expert_use(history: list[dict], path: str) -> bool:
+    """One panel per MoE layer: each expert's share of the layer's kept assignments per epoch
+    (``history[i]["routing"][layer]["tokens_per_expert"]``), with the epoch's drop fraction
+    dashed. Returns whether there was anything to plot."""
+    layers = sorted({name for h in history for name in h.get("routing", {})})
+    if not layers:
+        return False
+    n = len(layers)
+    fig, axes = plt.subplots(1, n, figsize=(1.5 + 3.6 * n, 3.4), squeeze=False)
+    for ax, name in zip(axes[0], layers, strict=True):
+        rows = [(h["epoch"], h["routing"][name]) for h in history if name in h.get("routing", {})]
+        ep = [e for e, _ in rows]
+        use = np.array([r["tokens_per_expert"] for _, r in rows], dtype=np.float64)  # [epochs, E]
+        share = use / np.maximum(use.sum(axis=1, keepdims=True), 1)
+        marker = "o" if len(ep) <= 30 else None
+        for e in range(share.shape[1]):
+            ax.plot(ep, share[:, e], marker=marker, markersize=3, label=f"expert {e}")
+        ax.plot(ep, [r["drop_fraction"] for _, r in rows], "k--", marker=marker, markersize=3, label="dropped")
+        ax.axhline(1 / share.shape[1], color="grey", lw=0.8, alpha=0.5)  # perfectly balanced
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("share of kept assignments\n(dashed: dropped fraction)")
+    axes[0][-1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return True

@@ -9,6 +9,7 @@ computes runs on 16 x 16 inputs with the 6 x 64 backbone to stay within seconds 
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import numpy as np
@@ -332,7 +333,7 @@ def test_cli_eval_only_leaves_the_training_run_byte_identical(tmp_path, capsys):
         args = ["--model", "vmoe", "--variant", "Mu/4", "--num-experts", "4", "--no-progress"]
         res = main([*args, "--epochs", "1", "--batch-size", "256", "--out", str(run)])
         files = sorted(p.name for p in run.iterdir())
-        assert files == ["accuracy.png", "metrics.json", "model.safetensors", "routing.png"]
+        assert files == ["accuracy.png", "expert_use.png", "metrics.json", "model.safetensors", "routing.png"]
         # Written with the user's umask: 0644 here (safetensors alone would give 0600).
         assert {oct(os.stat(run / f).st_mode & 0o777) for f in files} == {"0o644"}
         before = {f: (run / f).read_bytes() for f in files}
@@ -373,3 +374,26 @@ def test_accuracy_plot_of_one_epoch_shows_a_point(tmp_path):
     # The val curve's colour (matplotlib's C0, #1f77b4) marks the single point.
     blue = (abs(img - np.array([0x1F, 0x77, 0xB4])).sum(-1) < 30).sum()
     assert blue > 20
+
+
+def test_training_logs_routing_stats_per_epoch_and_plots_expert_use(tmp_path, capsys):
+    """A 2-epoch V-MoE run: each epoch's record holds every MoE layer's routing statistics,
+    consistent with themselves (kept + dropped = assignments), and expert_use.png is written."""
+    from models.train import main
+
+    out = tmp_path / "run"
+    res = main(["--model", "vmoe", "--variant", "Mu/4", "--num-experts", "4", "--epochs", "2", "--batch-size", "256",
+                "--capacity-factor", "0.5", "--no-progress", "--out", str(out)])  # fmt: skip
+    epochs = res["epochs"]
+    assert len(epochs) == 2
+    for rec in epochs:
+        layers = rec["routing"]
+        assert layers and all(name.startswith("blocks.") for name in layers)
+        for st in layers.values():
+            assert len(st["tokens_per_expert"]) == 4
+            assert sum(st["tokens_per_expert"]) + st["dropped"] == st["assignments"]
+            assert st["dropped"] > 0  # capacity factor 0.5 must drop
+            assert 0 < st["drop_fraction"] < 1 and 0 <= st["router_entropy"] <= math.log(4) + 1e-6
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["epochs"][0]["routing"] == epochs[0]["routing"]
+    assert (out / "expert_use.png").stat().st_size > 0
