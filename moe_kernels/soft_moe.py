@@ -144,10 +144,7 @@ class SoftRouter(nn.Module):
             # Scale the logits rather than pick the smaller operand as vmoe does: the same
             # value in exact arithmetic, one multiply on [T, M] more.
             logits = _logits(xn.reshape(G * S, D), mun.reshape(D, M).T, backend=self.backend)  # [T, M]
-            # The 0-dim scale is expanded explicitly: its gradient then comes back summed by
-            # ExpandBackward, not left to the engine's broadcast reduction (which
-            # tests/sync_spy.run_backward, the host-sync check's graph walk, does not do).
-            logits = (logits * self.scale.float().expand(G * S, M)).view(G, S, M)  # [G, S, M]
+            logits = (logits * self.scale.float()).view(G, S, M)  # [G, S, M]
             if self.training and self.noise_std > 0:
                 logits = logits + self.noise_std * torch.randn_like(logits)  # [G, S, M]
             dispatch = torch.softmax(logits, dim=1)  # [G, S, M] over tokens
