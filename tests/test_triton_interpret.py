@@ -381,3 +381,131 @@ def test_router_weight_grad_splits_and_matches_reference():
     w = w0.clone().requires_grad_()
     (gw,) = torch.autograd.grad(routers._logits(x, w, backend="triton"), (w,), gy)
     assert torch.equal(gw, res["triton"][2])  # bitwise from run to run
+
+
+# ---------------------------------------------------------------------------------------------
+# The forward's tile schedule (kernels/grouped_mm.py: _tile_of): expert e's rows and the
+# padding rows cut into BLOCK_M tiles from their own first row, at most cdiv(M, BLOCK_M) + E
+# tiles, no tile across two segments, every row in exactly one tile.
+SCHEDULES = [
+    ([10, 0, 35, 15], 10, 32),  # empty expert, ragged sizes, padding rows
+    ([31, 32, 33, 64, 1], 0, 32),  # sizes at and next to the tile height
+    ([0, 0, 0], 20, 32),  # every assignment dropped: only padding
+    ([0, 100, 0], 0, 32),  # one expert takes everything
+    ([1] * 130, 3, 16),  # more segments than one scan chunk (SCHED_LANES = 128)
+    ([7], 0, 64),  # fewer rows than a tile
+]
+
+
+if INTERPRET:  # the kernel's globals must hold _tile_of, so it lives at module level
+    import triton
+    import triton.language as tl
+
+    from moe_kernels.kernels.grouped_mm import _tile_of
+
+    @triton.jit
+    def _schedule_table_kernel(Off_ptr, Out_ptr, M, E, BLOCK_M: tl.constexpr):
+        t = tl.program_id(0)
+        seg, first, end = _tile_of(Off_ptr, M, E, t, BLOCK_M)
+        tl.store(Out_ptr + 3 * t, seg.to(tl.int64))
+        tl.store(Out_ptr + 3 * t + 1, first.to(tl.int64))
+        tl.store(Out_ptr + 3 * t + 2, end.to(tl.int64))
+
+
+def _schedule_table(offsets, M, block_m):
+    """(segment, first row, segment end) of each of the cdiv(M, block_m) + E schedule entries."""
+    E = offsets.shape[0] - 1
+    n = -(-M // block_m) + E
+    out = torch.full((n, 3), -7, dtype=torch.int64)
+    _schedule_table_kernel[(n,)](offsets, out, M, E, BLOCK_M=block_m)
+    return out
+
+
+@in_child
+@pytest.mark.parametrize("sizes,pad,block_m", SCHEDULES, ids=[f"E{len(c[0])}-P{c[1]}-BM{c[2]}" for c in SCHEDULES])
+def test_tile_schedule(sizes, pad, block_m):
+    offsets = torch.tensor([0] + sizes).cumsum(0)
+    M, E = int(offsets[-1]) + pad, len(sizes)
+    table = _schedule_table(offsets, M, block_m).tolist()
+    bounds = offsets.tolist() + [M]
+    owner = [None] * M
+    used = [row for row in table if row[0] <= E]
+    assert all(row[0] == E + 1 for row in table[len(used) :]), "unused entries must come last"
+    want = sum(-(-(bounds[s + 1] - bounds[s]) // block_m) for s in range(E + 1))
+    assert len(used) == want  # the tiles segments need, not one more
+    for seg, first, end in used:  # end: the segment's end (the kernel masks rows past it)
+        assert end == bounds[seg + 1] and bounds[seg] <= first < end, "a tile must stay inside its segment"
+        assert (first - bounds[seg]) % block_m == 0, "tiles start BLOCK_M apart from the segment's first row"
+        for r in range(first, min(first + block_m, end)):
+            assert owner[r] is None, f"row {r} in two tiles"
+            owner[r] = seg
+    assert all(o is not None for o in owner), "every row must be in a tile"
+
+
+@in_child
+def test_tile_schedule_clamps_bad_offsets():
+    """GPU offsets are not validated on the host: boundaries past M or going down are clamped
+    to [0, M] and made non-decreasing, so tiles stay in bounds and never overlap."""
+    for offsets in ([0, 6, 14, 3], [5, 2, 9, -4], [0, 12, 1, 30]):
+        table = _schedule_table(torch.tensor(offsets), 10, 4).tolist()
+        covered = [r for seg, first, end in table if seg <= 3 for r in range(first, min(first + 4, end))]
+        assert sorted(covered) == list(range(10)), (offsets, table)
+
+
+# The routed shapes the forward's schedule must get right, through make_routing and dispatch as
+# a layer runs them: (T, E, K, C, S, pattern).
+ROUTED = [
+    (48, 4, 2, 8, 16, "random"),  # capacity, G=3 groups: expert ranges of 24 rows, drops
+    (40, 5, 1, None, 40, "skewed"),  # dropless, skewed: one expert has most rows, two have none
+    (32, 3, 1, 4, 16, "one-expert"),  # capacity, everything on expert 0: others' slots all empty
+    (64, 6, 2, None, 32, "one-expert"),  # dropless, G=2: all rows on experts 0 and 2
+]
+
+
+@in_child
+@pytest.mark.parametrize("dt", ["f32", "f16"])
+@pytest.mark.parametrize("T,E,K,C,S,pattern", ROUTED, ids=[f"T{r[0]}-E{r[1]}-C{r[3]}-S{r[4]}-{r[5]}" for r in ROUTED])
+def test_grouped_mm_on_routed_buffers(T, E, K, C, S, pattern, dt):
+    dtype = DTYPES[dt][0]
+    if pattern == "skewed":
+        indices = torch.where(torch.rand(T, K) < 0.7, 1, torch.randint(0, 3, (T, K)) * 2).clamp(max=E - 1)
+    else:
+        indices = _indices(T, E, K, pattern)
+    routing = mk.make_routing(indices, E, C, group_size=S, backend="torch")
+    Din, N = 24, 40
+    buf0 = mk.dispatch(torch.randn(T, Din).to(dtype), routing, backend="torch").reshape(-1, Din)
+    w0, b = (torch.randn(E, N, Din) / Din**0.5).to(dtype), torch.randn(E, N).to(dtype)
+    gy = torch.randn(buf0.shape[0], N).to(dtype)
+    res = {}
+    for backend in ("triton", "torch"):
+        buf, w = buf0.clone().requires_grad_(), w0.clone().requires_grad_()
+        y = mk.grouped_mm(buf, w, routing.offsets, bias=b, backend=backend)
+        res[backend] = (y, *torch.autograd.grad(y, (buf, w), gy))
+    buf, w = buf0.double().requires_grad_(), w0.double().requires_grad_()
+    y = mk.grouped_mm(buf, w, routing.offsets, bias=b.double(), backend="torch")
+    exact = (y, *torch.autograd.grad(y, (buf, w), gy.double()))
+    for a, r, e in zip(res["triton"], res["torch"], exact, strict=True):
+        _close_lowp(a, r, e, dt)
+    assert not res["triton"][0][int(routing.offsets[-1]) :].any()
+
+
+@in_child
+@pytest.mark.parametrize("dt", ["f32", "f16"])
+def test_grouped_mm_bitwise_independent_of_padding_and_neighbours(dt):
+    """Tiles start at their expert's first row: an expert's output bits do not change with
+    the padding rows after it or with the sizes of the experts before it."""
+    from moe_kernels.ops import _triton
+
+    dtype = DTYPES[dt][0]
+    Din, N = 40, 24
+    w = torch.randn(3, N, Din).to(dtype)
+    rows = torch.randn(45, Din).to(dtype)  # expert 2's rows
+    lead = torch.randn(50, Din).to(dtype)
+    base = None
+    for before, pad in ((0, 0), (13, 0), (13, 17), (50, 40)):  # rows of experts 0 and 1; padding
+        x = torch.cat([lead[:before], rows, torch.randn(pad, Din).to(dtype)])
+        offsets = torch.tensor([0, before // 2, before, before + 45])
+        y = _triton.grouped_mm(x, w, offsets)[before : before + 45]
+        base = y if base is None else base
+        assert torch.equal(y, base), f"{before} rows before, {pad} padding"
+    assert torch.equal(base, _triton.grouped_mm(rows, w[2:], torch.tensor([0, 45])))

@@ -1,11 +1,13 @@
 """Grouped GEMM: one matmul per expert over the row ranges ``offsets[e]:offsets[e+1]``.
 
-The forward tiles the M rows globally; a tile that straddles expert boundaries runs one
-K-loop per expert it touches, storing only that expert's rows. So the schedule needs no
-host-side knowledge of the group sizes (no sync), costs at most E extra tile passes per
-column block, and serves the dropless layout and the padded ``[E, G*C]`` buffer alike. dX is
-this same kernel with each expert's matrix transposed (a strided view: every operand is read
-through its strides).
+The forward cuts each expert's rows (and the padding rows past offsets[E]) into BLOCK_M-row
+tiles from the expert's first row; each program finds its tile from the offsets on the device
+(``_tile_of``: a vector scan, no binary search), over a static worst-case grid of
+``cdiv(M, BLOCK_M) + E`` tiles per column block. So no tile straddles two experts, the host
+needs no knowledge of the group sizes (no sync), and the dropless layout and the padded
+``[E, G*C]`` buffer are served alike. dX is this same kernel with each expert's matrix
+transposed (a strided view: every operand is read through its strides). The weight gradient
+reduces over each expert's rows, split over rows when its grid is small (the router).
 
 DOT_FP32 upcasts the operands before ``tl.dot``; launchers set it only under the interpreter,
 whose bf16 ``tl.dot`` is wrong (its loads, stores and fp32 math are right), so bf16 inputs
@@ -107,17 +109,53 @@ def _prune_wgrad(configs, named_args, **kwargs):
     return prune_configs([c for c in configs if c in family], elem_size, _device_max_shared(), wgrad=True)
 
 
+# Lanes of the tile schedule's scan: the segment boundaries are read this many at a time (one
+# pass for up to 127 experts), as one vector load instead of a chain of dependent loads.
+SCHED_LANES = tl.constexpr(128)
+
+
 @triton.jit
-def _expert_of_row(Off_ptr, m, E):
-    """The first expert e with offsets[e+1] > m (E when m is past offsets[E]): binary search."""
-    lo = m * 0
-    hi = lo + E
-    while lo < hi:
-        mid = (lo + hi) // 2
-        ends_after = tl.load(Off_ptr + mid + 1) > m
-        hi = tl.where(ends_after, mid, hi)
-        lo = tl.where(ends_after, lo, mid + 1)
-    return lo
+def _max_combine(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _tile_of(Off_ptr, M, E, t, BLOCK_M: tl.constexpr):
+    """Tile ``t`` of the forward's schedule -> (segment, first row, segment end).
+
+    The rows are E+1 segments: expert e's ``[offsets[e], offsets[e+1])`` for e < E and the
+    padding rows ``[offsets[E], M)`` as segment E. Each segment is cut into BLOCK_M-row tiles
+    from its own first row, numbered segment after segment, so no tile straddles two
+    segments; there are at most ``cdiv(M, BLOCK_M) + E`` of them. A ``t`` past the last tile
+    gives segment E+1 (nothing to do). GPU offsets are not validated on the host (that would
+    be a sync), so offsets[0] is taken as 0 and the boundaries are clamped to [0, M] and made
+    non-decreasing (a running max): whatever the offsets, the segments are disjoint and cover
+    every row.
+    """
+    lanes = tl.arange(0, SCHED_LANES)
+    before = t.to(tl.int64) * 0  # tiles of the chunks already scanned
+    low = before  # the boundary where this chunk starts (running max of the offsets so far)
+    found = t * 0
+    seg = t * 0
+    first = before
+    end = before
+    for c0 in range(0, E + 1, SCHED_LANES):
+        i = c0 + lanes
+        lo = tl.minimum(tl.maximum(tl.load(Off_ptr + i, mask=(i <= E) & (i > 0), other=0), 0), M)
+        lo = tl.maximum(tl.associative_scan(lo, 0, _max_combine), low)
+        hi = tl.minimum(tl.maximum(tl.load(Off_ptr + i + 1, mask=i < E, other=M), 0), M)
+        hi = tl.maximum(hi, lo)
+        n = tl.where(i <= E, tl.cdiv(hi - lo, BLOCK_M), 0)
+        incl = tl.cumsum(n, 0) + before
+        mine = (incl - n <= t) & (t < incl)  # one lane of all chunks, or none
+        found += tl.sum(mine.to(tl.int32), 0)
+        seg += tl.sum(tl.where(mine, i, 0), 0)
+        first += tl.sum(tl.where(mine, lo + (t - (incl - n)) * BLOCK_M, 0), 0)
+        end += tl.sum(tl.where(mine, hi, 0), 0)
+        before += tl.sum(n, 0)
+        low = tl.max(hi, 0)
+    seg = tl.where(found > 0, seg, E + 1)
+    return seg, first, end
 
 
 @triton.jit
@@ -149,45 +187,37 @@ def _grouped_mm_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    """Grid ``(cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N),)``: each program owns a [BLOCK_M, BLOCK_N]
-    tile of y [M, N] = x [M, KD] @ w[e] [N, KD].T (+ bias[e] [N] when HAS_BIAS) per expert
-    range; rows at or past offsets[E] are written as zeros. fp32 accumulation and bias add,
-    rounded once to y's dtype. ``M_BUCKET`` (``_config.m_bucket(M)``) is read only by the
-    autotuner's key.
+    """Grid ``((cdiv(M, BLOCK_M) + E) * cdiv(N, BLOCK_N),)``, the worst case of the tile
+    schedule (``_tile_of``) per column block: each program owns the [BLOCK_M, BLOCK_N] tile
+    of y [M, N] of one schedule entry, either up to BLOCK_M rows of one expert e,
+    ``x [rows, KD] @ w[e] [N, KD].T (+ bias[e] [N] when HAS_BIAS)``, fp32 accumulation and
+    bias add rounded once to y's dtype, or up to BLOCK_M padding rows (at or past
+    offsets[E]), written as zeros without a K-loop. Entries past the schedule's used count
+    exit at once. Every row is written by exactly one program, and a row's value depends only
+    on its own expert's rows and tile position, not on the other experts' sizes or the
+    padding. ``M_BUCKET`` (``_config.m_bucket(M)``) is read only by the autotuner's key.
     """
     pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
+    num_m = tl.cdiv(M, BLOCK_M) + E
     num_n = tl.cdiv(N, BLOCK_N)
-    # Column blocks of GROUP_M consecutive row blocks run together, so their w tiles stay in L2.
+    # Column blocks of GROUP_M consecutive row tiles run together, so their w tiles stay in L2.
     width = GROUP_M * num_n
     first_m = (pid // width) * GROUP_M
     group_rows = tl.minimum(num_m - first_m, GROUP_M)
     pid_m = first_m + (pid % width) % group_rows
     pid_n = (pid % width) // group_rows
+    e, row0, row_end = _tile_of(Off_ptr, M, E, pid_m, BLOCK_M)
 
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rm64 = row0 + tl.arange(0, BLOCK_M).to(tl.int64)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
-    rm64 = rm.to(tl.int64)
     n_ok = rn < N
-    m_first = pid_m * BLOCK_M
-    m_last = tl.minimum(m_first + BLOCK_M, M) - 1
-    e_first = _expert_of_row(Off_ptr, m_first, E)
-    e_last = tl.minimum(_expert_of_row(Off_ptr, m_last, E), E - 1)
+    out_ok = (rm64 < row_end)[:, None] & n_ok[None, :]
     y_ptrs = Y_ptr + rm64[:, None] * stride_ym + rn[None, :].to(tl.int64) * stride_yn
-
-    # The expert's matrix advances by a pointer step: under the interpreter the loop variable
-    # is a Python int, which has no .to(tl.int64).
-    w_expert = W_ptr + e_first.to(tl.int64) * stride_we
-    b_expert = B_ptr + e_first.to(tl.int64) * stride_be
-    for e in range(e_first, e_last + 1):
-        start = tl.load(Off_ptr + e)
-        end = tl.load(Off_ptr + e + 1)
-        # rm < M: offsets are validated on the host only for CPU tensors (on a GPU that would
-        # be a sync), so a bad offsets[E] > M must not read or write out of bounds.
-        in_e = (rm >= start) & (rm < end) & (rm < M)
+    if e < E:
+        in_e = rm64 < row_end
         x_ptrs = X_ptr + rm64[:, None] * stride_xm + rk[None, :] * stride_xk
-        w_ptrs = w_expert + rn[None, :].to(tl.int64) * stride_wn + rk[:, None] * stride_wk
+        w_ptrs = W_ptr + e.to(tl.int64) * stride_we + rn[None, :].to(tl.int64) * stride_wn + rk[:, None] * stride_wk
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, KD, BLOCK_K):
             k_ok = (k0 + rk) < KD
@@ -200,14 +230,11 @@ def _grouped_mm_kernel(
             x_ptrs += BLOCK_K * stride_xk
             w_ptrs += BLOCK_K * stride_wk
         if HAS_BIAS:
-            acc += tl.load(b_expert + rn * stride_bn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptrs, acc.to(Y_ptr.dtype.element_ty), mask=in_e[:, None] & n_ok[None, :])
-        w_expert += stride_we
-        b_expert += stride_be
-
-    past = (rm >= tl.load(Off_ptr + E)) & (rm < M)
-    zeros = tl.zeros((BLOCK_M, BLOCK_N), dtype=Y_ptr.dtype.element_ty)
-    tl.store(y_ptrs, zeros, mask=past[:, None] & n_ok[None, :])
+            b_ptrs = B_ptr + e.to(tl.int64) * stride_be + rn * stride_bn
+            acc += tl.load(b_ptrs, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptrs, acc.to(Y_ptr.dtype.element_ty), mask=out_ok)
+    elif e == E:
+        tl.store(y_ptrs, tl.zeros((BLOCK_M, BLOCK_N), dtype=Y_ptr.dtype.element_ty), mask=out_ok)
 
 
 @triton.jit
