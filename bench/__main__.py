@@ -1,8 +1,12 @@
 """``python -m bench``: the moe_kernels benchmark on the machine's default device.
 
   --quick         the three main cases, fp32 (a few minutes on 2 CPU cores)
-  --json PATH     write {"device", "versions", "records": [...]} (default out/bench.json)
-  --plot PATH     the ratio plot (default out/bench.png)
+  --json PATH     write {"device", "versions", "sgemm_gflops", "records": [...]} (default out/bench.json)
+  --plot PATH     the plot of every implementation's time over the dense MLP's (default out/bench.png)
+
+The machine's fp32 matmul rate is measured in the same run (``sgemm_gflops``); every record has
+``gflops``, the useful FLOPs (``bench.suite.useful_flops``) over its median time, and the table
+reports each implementation as "x dense" and "% of sgemm".
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import torch  # noqa: E402
 import moe_kernels as mk  # noqa: E402
 from bench import report  # noqa: E402
 from bench.cases import MAIN_CASES, SWEEP_CASES  # noqa: E402
-from bench.measure import cpuinfo, device_name  # noqa: E402
+from bench.measure import cpuinfo, device_name, sgemm  # noqa: E402
 from bench.suite import run_layer_case, run_op_cases  # noqa: E402
 
 
@@ -36,6 +40,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cases", nargs="*", help="only these case names")
     ap.add_argument("--dtypes", nargs="*", choices=("fp32", "bf16"), help="layer dtypes (default: fp32; full: + bf16)")
     ap.add_argument("--min-run-time", type=float, default=None, help="seconds per measurement")
+    ap.add_argument("--sgemm-n", type=int, default=1536, help="size of the square fp32 matmul of sgemm_gflops")
     args = ap.parse_args(argv)
 
     device = torch.device(args.device)
@@ -46,6 +51,9 @@ def main(argv=None) -> int:
     cases = [c for c in MAIN_CASES if not args.cases or c.name in args.cases]
     t0 = time.time()
     print(f"# moe_kernels benchmark on {device_name(device)}", flush=True)
+    sgemm_gflops, sgemm_t = sgemm(device, args.sgemm_n)
+    print(f"# sgemm ({args.sgemm_n}^3, fp32): {sgemm_gflops:.1f} GFLOP/s"
+          f" ({sgemm_t.median_ms:.2f} ms ± {sgemm_t.iqr_ms:.2f}, {sgemm_t.runs} runs)", flush=True)
     records, notes = [], []
     for dt in dtypes:
         dt_cases, kw = cases, dict(min_run_time=mrt, min_runs=runs, max_warmup=2 if quick else 4)
@@ -60,9 +68,9 @@ def main(argv=None) -> int:
     if not quick:
         for case in SWEEP_CASES:
             if not args.cases or case.name in args.cases:
-                records += run_layer_case(case, "fp32", device, impls=("moe_kernels", "floor", "padded_bmm",
-                                                                        "grouped_mm"), modes=("fwd_bwd",),
-                                          min_run_time=mrt, min_runs=runs)
+                records += run_layer_case(case, "fp32", device, impls=("moe_kernels", "dense", "floor",
+                                                                        "padded_bmm", "grouped_mm"),
+                                          modes=("fwd_bwd",), min_run_time=mrt, min_runs=runs)
         for case in cases:
             records += run_op_cases(case, "fp32", device, min_run_time=min(mrt, 0.5))
         if device.type == "cpu" and not args.cases:
@@ -71,6 +79,8 @@ def main(argv=None) -> int:
 
             records += run_exchange_bench(modes=("fwd", "fwd_bwd"), log=print)
     elapsed = time.time() - t0
+    for r in records:
+        r.setdefault("gflops", None)  # no matmul FLOPs to count (e.g. the exchange)
 
     meta = {
         "device": device_name(device),
@@ -81,15 +91,19 @@ def main(argv=None) -> int:
             "triton": _triton_version(),
         },
         "threads": torch.get_num_threads(),
+        "sgemm_gflops": round(sgemm_gflops, 2),
+        "sgemm": {"n": args.sgemm_n, "median_ms": round(sgemm_t.median_ms, 4), "iqr_ms": round(sgemm_t.iqr_ms, 4),
+                  "runs": sgemm_t.runs},
         "quick": quick,
         "elapsed_s": round(elapsed, 1),
         "notes": notes,
         "command": "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
     print()
-    print(f"## Whole layer ({meta['device']}; torch {torch.__version__}; {elapsed:.0f} s)")
+    print(f"## Whole layer ({meta['device']}; torch {torch.__version__}; {elapsed:.0f} s;"
+          f" sgemm {sgemm_gflops:.1f} GFLOP/s)")
     print()
-    print(report.layer_table(records))
+    print(report.layer_table(records, sgemm_gflops))
     ops = report.op_table(records)
     if ops:
         print("\n## Each op alone (forward)\n")
@@ -100,7 +114,7 @@ def main(argv=None) -> int:
     print(report.targets(records))
     if args.plot:
         os.makedirs(os.path.dirname(args.plot) or ".", exist_ok=True)
-        report.plot(records, args.plot, f"moe_kernels vs baselines, {meta['device']}")
+        report.plot(records, args.plot, f"moe_kernels vs baselines and the dense MLP, {meta['device']}")
         print(f"\nplot: {args.plot}")
     if args.json:
         os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
@@ -115,7 +129,8 @@ def _emulated_bf16(device: torch.device) -> str | None:
     flags = cpuinfo("flags") if device.type == "cpu" else None
     if flags is None or {"avx512_bf16", "amx_bf16"} & set(flags.split()):
         return None
-    return "no bf16 instructions (avx512_bf16, amx_bf16) on this CPU: torch emulates bf16 matmuls (30-50x fp32's time)"
+    return ("no bf16 instructions (avx512_bf16, amx_bf16) on this CPU: torch emulates bf16 matmuls (30-50x fp32's"
+            " time) in the baselines and the dense MLP; the layer's C++ grouped GEMM runs them in fp32")
 
 
 def _triton_version() -> str | None:

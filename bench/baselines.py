@@ -1,15 +1,19 @@
-"""What users would otherwise run, written faithfully, and the floor.
+"""What users would otherwise run, written faithfully, and the two references.
 
-Every implementation computes the same function as ``moe_kernels.MoEMlp`` (router softmax, top-K,
-V-MoE capacity with K-major priority, experts ``fc2(gelu(fc1(x)))``, weighted combine), so the
-benchmark checks their outputs against each other before timing them.
+Every baseline computes the same function as ``moe_kernels.MoEMlp`` in eval mode (router softmax,
+top-K, V-MoE capacity with K-major priority, experts ``fc2(gelu(fc1(x)))``, weighted combine), so
+the benchmark checks their outputs against each other before timing them.
 
-  einsum      V-MoE's dispatcher: one-hot ``[G, S, E, C]`` dispatch and combine tensors, einsum
-  loop        a Python loop over experts: index the tokens, run the expert, ``index_add``
-  padded_bmm  index gather/scatter into a padded ``[E, G*C, D]`` buffer and ``bmm``
-  grouped_mm  assignments sorted by expert and ``torch.nn.functional.grouped_mm``
-  floor       the expert GEMMs alone (fc1, GELU, fc2) on an already-dispatched buffer of the
-              layer's shapes: what no dispatcher can beat, except by skipping empty slots
+  moe_kernels       the layer in train mode (router noise, auxiliary losses in the backward)
+  moe_kernels_eval  the layer in eval mode (deterministic routing, as the baselines route)
+  dense             a dense MLP of the same active FLOPs: ``F.linear -> GELU -> F.linear`` on as
+                    many rows as the layer keeps; what a perfect MoE layer would cost
+  floor             the expert GEMMs alone (fc1, GELU, fc2) on an already-dispatched padded
+                    ``[E, G*C, D]`` buffer, in the faster of two formulations (``FLOOR_FORMS``)
+  einsum            V-MoE's dispatcher: one-hot ``[G, S, E, C]`` dispatch and combine tensors, einsum
+  loop              a Python loop over experts: index the tokens, run the expert, ``index_add``
+  padded_bmm        index gather/scatter into a padded ``[E, G*C, D]`` buffer and ``baddbmm``
+  grouped_mm        assignments sorted by expert and ``torch.nn.functional.grouped_mm``
 
 Shape letters: T tokens, D width, H hidden, E experts, K choices, G groups of S tokens, C capacity.
 """
@@ -26,7 +30,12 @@ from torch import Tensor
 import moe_kernels as mk
 from bench.cases import LayerCase
 
-IMPLS = ("moe_kernels", "floor", "einsum", "loop", "padded_bmm", "grouped_mm")
+IMPLS = ("moe_kernels", "moe_kernels_eval", "dense", "floor", "einsum", "loop", "padded_bmm", "grouped_mm")
+BASELINES = ("einsum", "loop", "padded_bmm", "grouped_mm")  # what users would otherwise write
+# Padded-GEMM formulations of the floor: today's baddbmm on transposed [E, H, D] weight views, and
+# a plain bmm on [E, D, H] weights with the bias added after. The run times both and keeps the
+# faster (bench.suite.pick_floor), so the floor is never a formulation slower than it has to be.
+FLOOR_FORMS = ("baddbmm_t", "bmm")
 
 
 @dataclasses.dataclass
@@ -199,8 +208,15 @@ def grouped_mm_impl(case: LayerCase, p: Params) -> Callable[[Tensor], Tensor]:
     return fn
 
 
-def moe_kernels_impl(case: LayerCase, p: Params) -> tuple[Callable[[Tensor], Tensor], torch.nn.Module]:
-    """The library's layer (eval mode: no router noise; autograd on), sharing ``p``'s values."""
+def moe_kernels_impl(
+    case: LayerCase, p: Params, *, train: bool = False
+) -> tuple[Callable[[Tensor], Tensor | tuple[Tensor, Tensor]], torch.nn.Module]:
+    """The library's layer sharing ``p``'s values (autograd on).
+
+    ``train=False``: eval mode (no router noise), ``fn(x) -> y``. ``train=True``: train mode, as
+    users train: router noise, and ``fn(x) -> (y, aux_loss)`` so the step's backward runs through
+    the auxiliary losses too (``bench.measure.Step`` backpropagates both).
+    """
     dev, dt = p.w1.device, p.w1.dtype
     kw = dict(num_experts=case.experts, k=case.k, device=dev, dtype=dt)
     if case.per_image:
@@ -219,22 +235,56 @@ def moe_kernels_impl(case: LayerCase, p: Params) -> tuple[Callable[[Tensor], Ten
         for name in ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias"):
             getattr(layer, name).copy_(getattr(p, {"fc1_weight": "w1", "fc1_bias": "b1",
                                                    "fc2_weight": "w2", "fc2_bias": "b2"}[name]))
-    layer.eval()
     mods = torch.nn.ModuleList([m for m in (router, layer) if m is not None])
+    mods.train(train)
 
-    def fn(x: Tensor) -> Tensor:
+    def fn(x: Tensor) -> Tensor | tuple[Tensor, Tensor]:
         if router is None:
-            return layer(x)
-        B = case.tokens // case.per_image
-        return layer(x, routing=router(x.view(B, case.per_image, -1)))
+            y = layer(x)
+        else:
+            B = case.tokens // case.per_image
+            y = layer(x, routing=router(x.view(B, case.per_image, -1)))
+        return (y, layer.aux_loss) if train else y
 
     return fn, mods
 
 
-def floor_impl(case: LayerCase, p: Params, x: Tensor) -> tuple[Callable[[Tensor], Tensor], Tensor]:
+def kept_rows(fn: Callable, mods: torch.nn.Module, x: Tensor) -> int:
+    """The assignments the layer keeps on ``x`` (one forward of ``fn``; train mode draws its own
+    router noise, so this is one draw's count)."""
+    with torch.no_grad():
+        fn(x)
+    return int(sum(int(s.tokens_per_expert.sum()) for s in mk.routing_stats(mods).values()))
+
+
+def dense_impl(p: Params, rows: int) -> tuple[Callable[[Tensor], Tensor], Tensor]:
+    """A dense MLP of the layer's active FLOPs: ``F.linear -> GELU -> F.linear`` on ``rows`` rows
+    (the assignments the layer keeps), expert 0's weights and biases, in ``p``'s dtype.
+
+    Returns ``(fn, input [rows, D])``; ``fn.params`` are its four leaves.
+    """
+    w1, b1, w2, b2 = (t[0].detach().clone().requires_grad_(True) for t in (p.w1, p.b1, p.w2, p.b2))
+    g = torch.Generator().manual_seed(4)
+    inp = torch.randn(rows, p.w1.shape[2], generator=g).to(p.w1.device, p.w1.dtype)  # [R, D]
+
+    def fn(h: Tensor) -> Tensor:
+        return _mlp(h, w1, b1, w2, b2)  # [R, D]
+
+    fn.params = [w1, b1, w2, b2]
+    return fn, inp
+
+
+def floor_impl(
+    case: LayerCase, p: Params, x: Tensor, form: str = "bmm"
+) -> tuple[Callable[[Tensor], Tensor], Tensor]:
     """The expert GEMMs on a buffer already dispatched by the layer's own routing.
 
-    Returns ``(fn, buffer)``: ``fn(buffer)`` runs fc1, GELU, fc2 with the layer's shapes.
+    Args:
+        form: one of ``FLOOR_FORMS`` for capacity cases; dropless ones ignore it (one GEMM pair
+            per expert, ``"per_expert"``).
+
+    Returns ``(fn, buffer)``: ``fn(buffer)`` runs fc1, GELU, fc2 with the layer's shapes;
+    ``fn.form`` names the formulation.
     """
     with torch.no_grad():
         w, idx = gate(case, x, p)
@@ -256,14 +306,29 @@ def floor_impl(case: LayerCase, p: Params, x: Tensor) -> tuple[Callable[[Tensor]
             return torch.cat(outs)
 
         fn.params = [t for ws in experts for t in ws]
+        fn.form = "per_expert"
         return fn, buf
+    if form not in FLOOR_FORMS:
+        raise ValueError(f"floor_impl: form must be one of {FLOOR_FORMS} for a capacity case, got {form!r}")
     G, C = case.groups, case.capacity
-    buf = torch.randn(case.experts, G * C, case.width, dtype=x.dtype, device=x.device)
+    buf = torch.randn(case.experts, G * C, case.width, dtype=x.dtype, device=x.device)  # [E, G*C, D]
+    if form == "baddbmm_t":
 
-    def fn(b: Tensor) -> Tensor:
-        h = F.gelu(torch.baddbmm(p.b1[:, None], b, p.w1.transpose(1, 2)))
-        return torch.baddbmm(p.b2[:, None], h, p.w2.transpose(1, 2))
+        def fn(b: Tensor) -> Tensor:
+            h = F.gelu(torch.baddbmm(p.b1[:, None], b, p.w1.transpose(1, 2)))  # [E, G*C, H]
+            return torch.baddbmm(p.b2[:, None], h, p.w2.transpose(1, 2))  # [E, G*C, D]
 
+        fn.params = [p.w1, p.b1, p.w2, p.b2]
+    else:
+        # The weights stored K-major, as a bmm user would keep them: no transposed operand.
+        w1t, w2t = (t.detach().transpose(1, 2).contiguous().requires_grad_(True) for t in (p.w1, p.w2))
+
+        def fn(b: Tensor) -> Tensor:
+            h = F.gelu(torch.bmm(b, w1t) + p.b1[:, None])  # [E, G*C, H]
+            return torch.bmm(h, w2t) + p.b2[:, None]  # [E, G*C, D]
+
+        fn.params = [w1t, p.b1, w2t, p.b2]
+    fn.form = form
     return fn, buf
 
 

@@ -14,6 +14,8 @@ import torch
 import moe_kernels as mk
 from bench import baselines as bl
 from bench.cases import VMOE_S32
+from bench.measure import backward
+from bench.suite import build_impl
 
 SMALL = dataclasses.replace(VMOE_S32, name="small", tokens=96, width=32, hidden=64, group_size=48)
 
@@ -56,22 +58,17 @@ def test_bench_layer_fwd_bwd(benchmark, impl):
     p = bl.Params.make(SMALL, torch.float32, torch.device("cpu"))
     x = torch.randn(SMALL.tokens, SMALL.width)
     ours, _ = bl.moe_kernels_impl(SMALL, p)
-    if impl == "moe_kernels":
-        fn, inp = ours, x.clone().requires_grad_(True)
-    elif impl == "floor":
-        fn, inp = bl.floor_impl(SMALL, p.leaves(), x)
-        inp.requires_grad_(True)
-    else:
-        if impl == "grouped_mm" and bl.grouped_mm_unsupported(torch.float32, x.device):
-            pytest.skip(bl.grouped_mm_unsupported(torch.float32, x.device))
-        fn, inp = bl.BUILDERS[impl](SMALL, p.leaves()), x.clone().requires_grad_(True)
+    if impl == "grouped_mm" and bl.grouped_mm_unsupported(torch.float32, x.device):
+        pytest.skip(bl.grouped_mm_unsupported(torch.float32, x.device))
+    fn, inp, _ = build_impl(impl, SMALL, p, x, kept=SMALL.tokens * SMALL.k)
+    if impl in bl.BASELINES or impl == "moe_kernels_eval":
         with torch.no_grad():
             torch.testing.assert_close(fn(x), ours(x), atol=1e-4, rtol=1e-4)
 
     def step():
         out = fn(inp)
-        out.sum().backward()
-        return out
+        backward(out, torch.ones_like(out[0] if isinstance(out, tuple) else out))
+        return out[0] if isinstance(out, tuple) else out
 
     out = benchmark(step)
     assert inp.grad is not None and torch.isfinite(inp.grad).all() and out.shape[-1] == SMALL.width

@@ -124,10 +124,22 @@ def time_fn(fn: Callable[[], object], device: torch.device, min_run_time: float)
     return Timing.of([t * 1e3 for t in m.times])
 
 
+def backward(out: torch.Tensor | tuple[torch.Tensor, torch.Tensor], grad: torch.Tensor, **kw) -> None:
+    """``out.backward(grad)``; for ``(out, loss)``, the backward of both in one graph traversal."""
+    if isinstance(out, tuple) and out[1].requires_grad:
+        y, loss = out
+        torch.autograd.backward((y, loss), (grad, torch.ones_like(loss)), **kw)
+    else:
+        # A layer without auxiliary losses (e.g. routed from outside) returns a constant one.
+        (out[0] if isinstance(out, tuple) else out).backward(grad, **kw)
+
+
 @dataclasses.dataclass
 class Step:
     """One implementation's training step: ``fn(inp).backward(grad)``, then ``params``' (and
-    ``inp``'s) gradients set to ``None``."""
+    ``inp``'s) gradients set to ``None``. Where ``fn`` returns ``(out, loss)`` (the layer in
+    train mode: ``loss`` is its auxiliary loss), the backward runs from both, as a training loss
+    ``task(out) + loss`` would."""
 
     fn: Callable[[torch.Tensor], torch.Tensor]
     inp: torch.Tensor
@@ -143,7 +155,7 @@ class Step:
         t0 = time.perf_counter()
         out = self.fn(self.inp)
         t1 = time.perf_counter()
-        out.backward(self.grad)
+        backward(out, self.grad)
         t2 = time.perf_counter()
         del out
         self.clear()
@@ -200,7 +212,7 @@ def _cpu_step_peaks(s: Step) -> dict[str, float]:
     """Peak tensor memory of one step: above the forward's start, and above the backward's."""
     gc.collect()
     out, fwd_peak, fwd_net = _profiled(lambda: s.fn(s.inp))
-    _, bwd_peak, _ = _profiled(functools.partial(torch.Tensor.backward, out, s.grad))
+    _, bwd_peak, _ = _profiled(functools.partial(backward, out, s.grad))
     del out
     s.clear()
     return {"fwd": fwd_peak, "bwd": bwd_peak, "fwd_bwd": max(fwd_peak, fwd_net + bwd_peak)}
@@ -214,16 +226,37 @@ def _cuda_modes(s: Step, min_run_time, modes):
             run = lambda: fn(inp)  # noqa: E731  (autograd records, as in training)
         elif mode == "bwd":
             out = fn(inp)
-            run = lambda out=out: out.backward(grad, retain_graph=True)  # noqa: E731
+            run = lambda out=out: backward(out, grad, retain_graph=True)  # noqa: E731
         else:
 
             def run():
-                fn(inp).backward(grad)
+                backward(fn(inp), grad)
                 clear()
 
         res[mode] = (time_fn(run, inp.device, min_run_time), peak_memory_mb(run, inp.device))
         clear()
     return res
+
+
+def sgemm(device: torch.device, n: int = 1536, runs: int = 9) -> tuple[float, Timing]:
+    """The machine's fp32 matmul rate: ``(GFLOP/s, timing)`` of a square ``[n, n] @ [n, n]`` (2*n**3
+    FLOPs) into a preallocated output, median over ``runs`` calls after one warm-up. n=1536 is
+    the size of the layers' GEMMs (V-MoE-S/32: 800 x 512 x 2048; B/16: 3152 x 768 x 3072)."""
+    g = torch.Generator().manual_seed(5)
+    a, b = (torch.randn(n, n, generator=g).to(device) for _ in range(2))
+    out = torch.empty(n, n, device=device)
+    run = functools.partial(torch.mm, a, b, out=out)
+    if device.type == "cuda":
+        timing = time_fn(run, device, 0.2)
+    else:
+        run()
+        times = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            run()
+            times.append((time.perf_counter() - t0) * 1e3)
+        timing = Timing.of(times)
+    return 2.0 * n**3 / timing.median_ms / 1e6, timing
 
 
 def device_name(device: torch.device) -> str:

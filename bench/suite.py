@@ -12,7 +12,17 @@ from bench.measure import MODES, Step, time_fn, train_step_modes
 DTYPE_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _record(case: str, impl: str, mode: str, dtype: str, timing, peak, **extra) -> dict:
+FLOPS_PER_ROW = {"fwd": 4, "bwd": 8, "fwd_bwd": 12}  # x D*H per kept assignment: 2 GEMMs x 2 FLOPs
+
+
+def useful_flops(case: LayerCase, kept: int, mode: str) -> float:
+    """The FLOPs an MoE layer must do: its two expert GEMMs on the ``kept`` assignments, forward
+    (4*D*H each), backward (8*D*H: input and weight gradients) or both (12*D*H). Padding,
+    dropped assignments, routing and elementwise work are not counted."""
+    return float(FLOPS_PER_ROW[mode] * case.width * case.hidden * kept)
+
+
+def _record(case: str, impl: str, mode: str, dtype: str, timing, peak, *, flops: float | None = None, **extra) -> dict:
     return dict(
         case=case,
         impl=impl,
@@ -22,8 +32,50 @@ def _record(case: str, impl: str, mode: str, dtype: str, timing, peak, **extra) 
         iqr_ms=round(timing.iqr_ms, 4),
         peak_mem_mb=None if peak is None else round(peak, 2),
         runs=timing.runs,
+        gflops=None if flops is None else round(flops / timing.median_ms / 1e6, 3),
         **extra,
     )
+
+
+def build_impl(impl: str, case: LayerCase, p: bl.Params, x: torch.Tensor, *, kept: int, floor_form: str = "bmm"):
+    """``(fn, inp, params)`` of one implementation: its step is ``fn(inp)`` and a backward.
+
+    Args:
+        impl: a name of ``bench.baselines.IMPLS``.
+        p: the case's weights (each implementation gets its own copies).
+        x: ``[T, D]`` the layer's input, dtype of ``p``.
+        kept: assignments the layer keeps (the dense reference's rows).
+        floor_form: the floor's formulation (``bench.baselines.FLOOR_FORMS``).
+    """
+    if impl in ("moe_kernels", "moe_kernels_eval"):
+        fn, mods = bl.moe_kernels_impl(case, p, train=impl == "moe_kernels")
+        return fn, x.clone().requires_grad_(True), list(mods.parameters())
+    if impl == "dense":
+        fn, inp = bl.dense_impl(p, kept)
+        return fn, inp.requires_grad_(True), fn.params
+    leaves = p.leaves()
+    if impl == "floor":
+        fn, buf = bl.floor_impl(case, leaves, x, floor_form)
+        return fn, buf.requires_grad_(True), bl.params_of(fn, leaves)
+    fn = bl.BUILDERS[impl](case, leaves)
+    return fn, x.clone().requires_grad_(True), bl.params_of(fn, leaves)
+
+
+def pick_floor(case: LayerCase, p: bl.Params, x: torch.Tensor, device: torch.device, log=print) -> str:
+    """The faster padded formulation of the floor here (forward+backward, a few interleaved
+    steps), so the floor is not slower than the padded GEMMs have to be. Dropless cases have one."""
+    if case.per_image:
+        return "per_expert"
+    steps = []
+    for form in bl.FLOOR_FORMS:
+        fn, inp, params = build_impl("floor", case, p, x, kept=0, floor_form=form)
+        grad = torch.randn(_out_shape(fn, inp), generator=torch.Generator().manual_seed(3)).to(device, p.w1.dtype)
+        steps.append(Step(fn, inp, grad, params))
+    res = train_step_modes(steps, device, min_run_time=0.0, min_runs=3, max_warmup=1, modes=("fwd_bwd",))
+    ms = {form: r["fwd_bwd"][0].median_ms for form, r in zip(bl.FLOOR_FORMS, res, strict=True)}
+    best = min(ms, key=ms.get)
+    log(f"  {case.name}: floor formulation {best} ({', '.join(f'{f} {v:.1f} ms' for f, v in ms.items())})")
+    return best
 
 
 def run_layer_case(
@@ -38,34 +90,34 @@ def run_layer_case(
     max_warmup: int = 4,
     log=print,
 ) -> list[dict]:
-    """Every impl of ``case``: outputs checked against the layer's, then timed interleaved."""
+    """Every impl of ``case``: baselines' outputs checked against the layer's (eval mode), then
+    all timed interleaved. Each record carries the case's shape, ``kept`` (the assignments the
+    layer keeps in train mode: the dense reference's rows and the FLOP count's) and ``gflops``."""
     dtype = DTYPE_NAMES[dtype_name]
     p = bl.Params.make(case, dtype, device)
     x = torch.randn(case.tokens, case.width, generator=torch.Generator().manual_seed(1)).to(device, dtype)
-    ours, mods = bl.moe_kernels_impl(case, p)
+    ours, _ = bl.moe_kernels_impl(case, p)
     with torch.no_grad():
         y_ours = ours(x).float()
+    train_fn, train_mods = bl.moe_kernels_impl(case, p, train=True)
+    kept = bl.kept_rows(train_fn, train_mods, x)
     backend = mk.backends.choose("grouped_mm", mk.backends.requested_backend(None), x.device)[0]
+    floor_form = pick_floor(case, p, x, device, log) if "floor" in impls else None
     tol = 1e-3 if dtype == torch.float32 else 6e-2
     names, steps, extras = [], [], []
     for impl in impls:
         extra = {}
-        if impl == "moe_kernels":
-            fn, inp, params = ours, x.clone().requires_grad_(True), list(mods.parameters())
+        if impl in ("moe_kernels", "moe_kernels_eval"):
             extra["backend"] = backend
         elif impl == "floor":
-            leaves = p.leaves()
-            fn, buf = bl.floor_impl(case, leaves, x)
-            inp, params = buf.requires_grad_(True), bl.params_of(fn, leaves)
-        else:
-            if impl == "grouped_mm":
-                why = bl.grouped_mm_unsupported(dtype, device)
-                if why:
-                    log(f"  skip {case.name}/{impl}/{dtype_name}: {why}")
-                    continue
-            leaves = p.leaves()
-            fn, inp = bl.BUILDERS[impl](case, leaves), x.clone().requires_grad_(True)
-            params = bl.params_of(fn, leaves)
+            extra["floor_form"] = floor_form
+        elif impl == "grouped_mm":
+            why = bl.grouped_mm_unsupported(dtype, device)
+            if why:
+                log(f"  skip {case.name}/{impl}/{dtype_name}: {why}")
+                continue
+        fn, inp, params = build_impl(impl, case, p, x, kept=kept, floor_form=floor_form or "bmm")
+        if impl in bl.BASELINES:
             with torch.no_grad():
                 row_diff = (fn(x).float() - y_ours).abs().amax(-1)  # [T]
             scale = max(y_ours.abs().max().item(), 1.0)
@@ -81,26 +133,29 @@ def run_layer_case(
                     f"{case.name}/{dtype_name}: {impl} differs from moe_kernels on {bad} of {case.tokens} tokens"
                     f" (max {row_diff.max().item():.3g}, scale {scale:.3g}; {allowed} allowed)"
                 )
-        shape = (case.tokens, case.width) if impl != "floor" else _out_shape(fn, inp)
-        grad = torch.randn(shape, generator=torch.Generator().manual_seed(3)).to(device, dtype)
+        grad = torch.randn(_out_shape(fn, inp), generator=torch.Generator().manual_seed(3)).to(device, dtype)
         names.append(impl)
         steps.append(Step(fn, inp, grad, params))
         extras.append(extra)
     results = train_step_modes(steps, device, min_run_time=min_run_time, min_runs=min_runs, max_warmup=max_warmup,
                                modes=modes)
+    shape = dict(tokens=case.tokens, width=case.width, hidden=case.hidden, experts=case.experts, k=case.k, kept=kept)
     records = []
     for impl, res, extra in zip(names, results, extras, strict=True):
         for mode, (timing, peak) in res.items():
-            rec = _record(case.name, impl, mode, dtype_name, timing, peak, **extra)
+            rec = _record(case.name, impl, mode, dtype_name, timing, peak, flops=useful_flops(case, kept, mode),
+                          **shape, **extra)
             records.append(rec)
-            log(f"  {case.name:<16} {impl:<12} {mode:<8} {dtype_name:<5} {timing.median_ms:10.3f} ms"
-                f" ± {timing.iqr_ms:.3f}  peak {rec['peak_mem_mb']} MB")
+            log(f"  {case.name:<16} {impl:<16} {mode:<8} {dtype_name:<5} {timing.median_ms:10.3f} ms"
+                f" ± {timing.iqr_ms:.3f}  {rec['gflops']:7.1f} GFLOP/s  peak {rec['peak_mem_mb']} MB")
     return records
 
 
 def _out_shape(fn, inp) -> torch.Size:
+    """Shape of ``fn(inp)``'s output (the first one, where it returns ``(out, loss)``)."""
     with torch.no_grad():
-        return fn(inp).shape
+        out = fn(inp)
+    return (out[0] if isinstance(out, tuple) else out).shape
 
 
 def run_op_cases(case: LayerCase, dtype_name: str, device: torch.device, *, min_run_time: float, log=print):
@@ -124,10 +179,12 @@ def run_op_cases(case: LayerCase, dtype_name: str, device: torch.device, *, min_
         "combine": lambda be: mk.combine(buf, plan, w, backend=be),
         "grouped_gemm": lambda be: mk.grouped_mm(flat, w1, plan.offsets, backend=be),
     }
+    # Useful FLOPs of the grouped GEMM: its kept rows only (it also multiplies the padding).
+    flops = {"grouped_gemm": 2.0 * int(plan.counts.sum()) * D * H}
     records = []
     for op, call in ops.items():
         for impl, be in (("moe_kernels", "auto"), ("reference", "torch")):
             timing = time_fn(lambda call=call, be=be: call(be), device, min_run_time)
-            records.append(_record(f"{case.name}:{op}", impl, "fwd", dtype_name, timing, None))
+            records.append(_record(f"{case.name}:{op}", impl, "fwd", dtype_name, timing, None, flops=flops.get(op)))
             log(f"  {case.name + ':' + op:<26} {impl:<12} {timing.median_ms:10.4f} ms ± {timing.iqr_ms:.4f}")
     return records
