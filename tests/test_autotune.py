@@ -105,8 +105,8 @@ def test_pin_first_launches_the_first_fitting_config(recorders, monkeypatch):
             assert not tuned.calls and not plain.calls
             continue
         assert not tuned.calls, name
-        # fp32 without TF32: the weight gradient's IEEE candidates
-        cands = gm.GROUPED_MM_CONFIGS if name == "grouped_mm" else gm.wgrad_configs(True)
+        # fp32 without TF32: the IEEE candidates
+        cands = gm.fwd_configs(True) if name == "grouped_mm" else gm.wgrad_configs(True)
         want = gm.prune_configs(cands, 4, H100_SHARED, wgrad=name != "grouped_mm")[0]
         grid, cfg, warps, stages = _launched(plain)
         assert cfg == want.kwargs and (warps, stages) == (want.num_warps, want.num_stages), name
@@ -219,3 +219,18 @@ def test_wgrad_split_caps_the_workspace():
     configs = gm.prune_configs(gm.GROUPED_MM_WGRAD_CONFIGS, 2, H100_SHARED, wgrad=True)
     split = _triton.wgrad_split(1 << 20, 4096, 4096, 1, configs, 132)
     assert split * 4096 * 4096 * 4 <= _triton.SPLIT_WORKSPACE_BYTES
+
+
+def test_autotuner_prunes_to_the_precision_family(monkeypatch):
+    """fp32 with IEEE products tunes over its own (spill-free) candidates, everything else over
+    the tensor-core list; the precision is in the key, so the two never share a winner."""
+    monkeypatch.setattr(gm, "_device_max_shared", lambda: H100_SHARED)
+    x32, x16 = torch.empty(4, 4), torch.empty(4, 4, dtype=torch.float16)
+    for kernel, prune, family in ((gm.grouped_mm_kernel, gm._prune_fwd, gm.fwd_configs),
+                                  (gm.grouped_mm_weight_grad_kernel, gm._prune_wgrad, gm.wgrad_configs)):  # fmt: skip
+        assert "INPUT_PRECISION" in kernel.keys
+        ieee = prune(kernel.configs, {"X_ptr": x32}, INPUT_PRECISION="ieee")
+        tf32 = prune(kernel.configs, {"X_ptr": x32}, INPUT_PRECISION="tf32")
+        half = prune(kernel.configs, {"X_ptr": x16}, INPUT_PRECISION="ieee")
+        assert ieee and all(c in family(True) for c in ieee)
+        assert tf32 and half and all(c in family(False) for c in tf32 + half)

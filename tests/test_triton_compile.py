@@ -249,3 +249,22 @@ def test_split_sum_compiles(cc, dt):
     kernel = _compile(gm._split_sum_kernel, cc, sig, dict(BLOCK=1024), ["WS_ptr", "Out_ptr", "NUMEL"], 4)
     _check_shared(kernel, cc)
     _check_no_spills(kernel, f"split sum on sm_{cc} ({dt})")
+
+
+IEEE_CASES = [
+    pytest.param(kind, cc, i, id=f"{kind}-sm{cc}-fp32-{_cfg_id(c)}")
+    for kind in ("forward", "dx")
+    for cc in CCS
+    for i, c in enumerate(gm.prune_configs(gm.fwd_configs(True), 4, SHARED_LIMIT[cc]))
+]
+
+
+@pytest.mark.parametrize("kind,cc,index", IEEE_CASES)
+def test_grouped_mm_fp32_ieee_does_not_spill(kind, cc, index):
+    """The router's logits (fp32, IEEE products: FMAs, not tensor cores) and their dX."""
+    cfg = gm.prune_configs(gm.fwd_configs(True), 4, SHARED_LIMIT[cc])[index]
+    fn, sig, const, div = gemm_signature(kind, "fp32")
+    const.update(INPUT_PRECISION="ieee", DOT_FP32=False, **cfg.kwargs)
+    kernel = _compile(fn, cc, sig, const, div, cfg.num_warps, cfg.num_stages)
+    _check_shared(kernel, cc)
+    _check_no_spills(kernel, f"{kind} fp32/IEEE on sm_{cc} with {_cfg_id(cfg)}")

@@ -48,6 +48,18 @@ GROUPED_MM_CONFIGS = autotune_configs(
     interpret=_cfg(32, 32, 32, 4, 1, group_m=2),
 )
 
+# fp32 with IEEE products (the router's logits and their dX; fp32 without TF32): tl.dot lowers
+# to FMAs and the list above spills (sm_80 64x64x64: 154 words, sm_90 128x64x64: 34; read from
+# the SASS). These spill on neither sm_80 nor sm_90, forward or dX (tests/test_triton_compile.py).
+GROUPED_MM_IEEE_CONFIGS = autotune_configs(
+    [
+        _cfg(64, 128, 32, 8, 3),
+        _cfg(64, 32, 32, 4, 4),
+        _cfg(32, 64, 32, 4, 3),
+    ],
+    interpret=GROUPED_MM_CONFIGS[0],
+)
+
 # Weight gradient: the tile is [BLOCK_N, BLOCK_K] of dW and BLOCK_M rows are reduced per step.
 GROUPED_MM_WGRAD_CONFIGS = autotune_configs(
     [
@@ -76,6 +88,11 @@ GROUPED_MM_WGRAD_IEEE_CONFIGS = autotune_configs(
 )
 
 
+def fwd_configs(ieee_fp32: bool) -> list:
+    """The forward/dX candidates for fp32 with IEEE products, or for everything else."""
+    return GROUPED_MM_IEEE_CONFIGS if ieee_fp32 else GROUPED_MM_CONFIGS
+
+
 def wgrad_configs(ieee_fp32: bool) -> list:
     """The weight-gradient candidates for fp32 with IEEE products, or for everything else."""
     return GROUPED_MM_WGRAD_IEEE_CONFIGS if ieee_fp32 else GROUPED_MM_WGRAD_CONFIGS
@@ -100,7 +117,9 @@ def _device_max_shared() -> int:
 
 
 def _prune_fwd(configs, named_args, **kwargs):
-    return prune_configs(configs, named_args["X_ptr"].element_size(), _device_max_shared())
+    elem_size = named_args["X_ptr"].element_size()
+    family = fwd_configs(elem_size == 4 and kwargs.get("INPUT_PRECISION") == "ieee")
+    return prune_configs([c for c in configs if c in family], elem_size, _device_max_shared())
 
 
 def _prune_wgrad(configs, named_args, **kwargs):
@@ -404,13 +423,13 @@ def fitting_configs(configs: list, elem_size: int, wgrad: bool = False) -> list:
 # The key buckets M (kernels/_config.py says why); tensor dtypes join the key by themselves.
 grouped_mm_kernel = triton.autotune(
     # stride_wk is 1 for the forward and Din for dX (the transposed view): tuned separately.
-    configs=GROUPED_MM_CONFIGS,
-    key=["M_BUCKET", "N", "KD", "stride_wk"],
+    configs=GROUPED_MM_CONFIGS if interpreting() else GROUPED_MM_CONFIGS + GROUPED_MM_IEEE_CONFIGS,
+    key=["M_BUCKET", "N", "KD", "stride_wk", "INPUT_PRECISION"],
     prune_configs_by={"early_config_prune": _prune_fwd},
 )(_grouped_mm_kernel)
 
-# Both candidate families, the pruning keeps the one for the launch's dtype and precision
-# (the interpreter has one config, which is both families).
+# Both candidate families (as for the forward), the pruning keeps the one for the launch's
+# dtype and precision (the interpreter has one config, which is both families).
 _WGRAD_ALL = GROUPED_MM_WGRAD_CONFIGS if interpreting() else GROUPED_MM_WGRAD_CONFIGS + GROUPED_MM_WGRAD_IEEE_CONFIGS
 
 grouped_mm_weight_grad_kernel = triton.autotune(

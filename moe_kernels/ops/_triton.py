@@ -245,6 +245,8 @@ def grouped_mm(x: Tensor, w: Tensor, offsets: Tensor, bias: Tensor | None = None
         # The tile schedule's worst case per column block (kernels/grouped_mm.py: _tile_of).
         return ((triton.cdiv(M, meta["BLOCK_M"]) + E) * triton.cdiv(N, meta["BLOCK_N"]),)
 
+    dot = _dot_options(x.dtype)
+    candidates = _gm.fwd_configs(x.element_size() == 4 and dot["INPUT_PRECISION"] == "ieee")
     b = bias if bias is not None else out  # placeholder pointer, unread without HAS_BIAS
     args = (
         x, w, out, offsets, b, M, N, KD, E, _config.m_bucket(M),
@@ -252,8 +254,8 @@ def grouped_mm(x: Tensor, w: Tensor, offsets: Tensor, bias: Tensor | None = None
         b.stride(0), b.stride(1),
     )  # fmt: skip
     with _on_device(x):
-        _launch_gemm("grouped_mm", grid, args, x.element_size(), wgrad=False,
-                     HAS_BIAS=bias is not None, **_dot_options(x.dtype))  # fmt: skip
+        _launch_gemm("grouped_mm", grid, args, x.element_size(), wgrad=False, candidates=candidates,
+                     HAS_BIAS=bias is not None, **dot)  # fmt: skip
     return out
 
 
