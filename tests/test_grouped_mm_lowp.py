@@ -127,11 +127,11 @@ def test_both_paths_match_reference_with_gradients(monkeypatch, mode, dtype_id, 
 @pytest.mark.parametrize("dtype_id", list(LOWP))
 def test_converted_path_is_thread_count_invariant(monkeypatch, dtype_id):
     """Forward over several row tiles and uneven experts; weight gradient over several column
-    tiles. (Expert slices of up to 700 rows in the weight gradient: from about 1,000 rows on, the
-    fp32 path itself, which this one calls, differs between 1 and 2 threads on this machine's MKL.)"""
+    tiles and an expert of 2,500 rows (past where one MKL sgemm over the rows would split its
+    reduction by the thread count: the kernel reduces in fixed chunks of rows)."""
     monkeypatch.setenv(ENV, "fp32")
     x, w, b, _, offsets = _operands([1100, 3, 700], 96, 260, 2, LOWP[dtype_id], seed=2)
-    xg, _, _, gy, offsets_g = _operands([600, 3, 700], 96, 260, 2, LOWP[dtype_id], seed=3)
+    xg, _, _, gy, offsets_g = _operands([2500, 3, 700], 96, 260, 2, LOWP[dtype_id], seed=3)
     ops = torch.ops.moe_kernels_C
     before = torch.get_num_threads()
     results = []

@@ -168,6 +168,28 @@ def test_layer_bitwise_deterministic_across_runs_and_threads(backend):
         assert torch.equal(u, w)
 
 
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the C++ CPU backend is not under test")
+def test_fp32_weight_gradient_of_a_large_expert_is_thread_count_invariant():
+    """An expert of 2,500 rows (Mobile V-MoE tiny has about that many per expert): one MKL sgemm
+    over the rows splits its reduction by the thread count from about 1,000 rows on, so the
+    kernel reduces in fixed chunks of rows (measured before the fix: 1 vs 2 threads differed in
+    about 230,000 of 295,000 elements)."""
+    torch.manual_seed(0)
+    x = torch.randn(2503, 192)
+    g = torch.randn(2503, 768)
+    offsets = torch.tensor([0, 2500, 2500, 2503])
+    before = torch.get_num_threads()
+    out = []
+    try:
+        for threads in (2, 1):
+            torch.set_num_threads(threads)
+            out.append(torch.ops.moe_kernels_C.grouped_mm_weight_grad(x, g, offsets))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(out[0], out[1])
+    torch.testing.assert_close(out[0][0], g[:2500].T @ x[:2500], atol=1e-3, rtol=1e-4)
+
+
 # ---------------------------------------------------------------- int64 offsets
 
 

@@ -191,15 +191,36 @@ at::Tensor grouped_mm_weight_grad_cpu(const at::Tensor& x, const at::Tensor& gra
     const Tile& t = tiles[i];
     const int64_t n = o[t.e + 1] - o[t.e];
     at::Tensor dst = dw.select(0, t.e).narrow(0, t.lo, t.hi - t.lo);
-    if (n > 0 && to_fp32) {
-      // The expert's x rows are converted once per column tile: n*Din against 2*n*Din*128 FLOPs.
-      const at::Tensor g = grad_out.narrow(0, o[t.e], n).narrow(1, t.lo, t.hi - t.lo).to(at::kFloat);  // [n, cols]
-      const at::Tensor a = x.narrow(0, o[t.e], n).to(at::kFloat);                                       // [n, Din]
-      dst.copy_(at::mm(g.t(), a));
-    } else if (n > 0) {
-      at::mm_out(dst, grad_out.narrow(0, o[t.e], n).narrow(1, t.lo, t.hi - t.lo).t(), x.narrow(0, o[t.e], n));
-    } else {
+    if (n == 0) {
       dst.zero_();
+    } else if (x.scalar_type() == at::kFloat || to_fp32) {
+      // fp32 math: the reduction over the expert's rows in fixed chunks of at most kRowTile,
+      // summed in chunk order. One MKL sgemm over more than about 1,000 rows splits the
+      // reduction by the thread count (measured: 1 vs 2 threads differed from 1,100 rows), which
+      // would break the bitwise thread-count invariance of DESIGN.md 3.9; at most 512 rows a call
+      // it does not, and the extra accumulation is 1/512 of the FLOPs.
+      const int64_t parts = (n + kRowTile - 1) / kRowTile;
+      at::Tensor acc = x.scalar_type() == at::kFloat ? dst : at::empty(dst.sizes(), dst.options().dtype(at::kFloat));
+      for (int64_t p = 0; p < parts; ++p) {
+        const int64_t r0 = o[t.e] + n * p / parts, rows = n * (p + 1) / parts - n * p / parts;
+        at::Tensor g = grad_out.narrow(0, r0, rows).narrow(1, t.lo, t.hi - t.lo);  // [rows, cols]
+        at::Tensor a = x.narrow(0, r0, rows);                                       // [rows, Din]
+        if (to_fp32) {
+          // The expert's x rows are converted once per column tile: rows*Din against
+          // 2*rows*Din*128 FLOPs.
+          g = g.to(at::kFloat);
+          a = a.to(at::kFloat);
+        }
+        if (p == 0) {
+          at::mm_out(acc, g.t(), a);
+        } else {
+          acc.addmm_(g.t(), a);
+        }
+      }
+      if (!acc.is_same(dst)) dst.copy_(acc);  // rounded once to the low-precision dtype
+    } else {
+      // Native bf16/fp16 (the CPU's low-precision units; thread-count invariant as measured).
+      at::mm_out(dst, grad_out.narrow(0, o[t.e], n).narrow(1, t.lo, t.hi - t.lo).t(), x.narrow(0, o[t.e], n));
     }
   });
   return dw;
