@@ -28,10 +28,10 @@ from tests.conftest import DTYPES
 
 CHILD_ENV = "MOE_KERNELS_CUDA_CHILD"
 pytestmark = [
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible to torch"),
     pytest.mark.skipif(
         os.environ.get(CHILD_ENV) != "1", reason="runs in a process of its own (tests/test_gpu_cuda_process.py)"
     ),
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible to torch"),
     pytest.mark.skipif(not _ext.cuda_kernels_built(), reason="moe_kernels._C was built without CUDA kernels"),
 ]
 
