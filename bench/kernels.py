@@ -2,8 +2,9 @@
 and TMA instructions, read from the cubins (``cuobjdump``), no GPU needed.
 
 ``python -m bench.kernels --arch sm_90|sm_80 [--json PATH]`` compiles every grouped-GEMM
-config the launcher can pick on that architecture (forward, dX, weight gradient; fp16/bf16)
-ahead of time and reports one record per kernel and config: ``kernel, config, arch, n_regs,
+config the launcher can pick on that architecture (forward, dX, weight gradient, the weight
+gradient split over rows and its partial-sum kernel; fp16/bf16 on tensor cores, fp32 with IEEE
+products as the router runs) ahead of time and reports one record per kernel and config: ``kernel, config, arch, n_regs,
 n_spills, shared_bytes, wgmma, mma, tma`` (and the raw counts behind them). ``make gpu-check``
 runs the same analysis over the kernels a real run compiled (``scan_cache``).
 
@@ -101,11 +102,19 @@ SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 def gemm_signature(kind: str, dt: str) -> tuple:
     """``(kernel, signature, constexprs, 16-divisible args)`` of a grouped-GEMM launch as the
     launcher makes it: ``kind`` is ``forward``, ``dx`` (the transposed expert matrix, so the
-    reduction stride is the strided one) or ``weight_grad``; pointers and leading strides
+    reduction stride is the strided one), ``weight_grad`` or ``weight_grad_split`` (the
+    weight gradient split over rows into an fp32 workspace); pointers and leading strides
     16-divisible, inner strides 1 (Triton specialises on both)."""
     from moe_kernels.kernels import grouped_mm as gm
 
     i32 = "i32"
+    if kind == "weight_grad_split":  # fp32 partial sums into a workspace [SPLIT, E, N, KD]
+        sig = dict(X_ptr=f"*{dt}", G_ptr=f"*{dt}", WS_ptr="*fp32", Off_ptr="*i64", M=i32, N=i32, KD=i32,
+                   M_BUCKET=i32, SPLIT=i32, stride_xm=i32, stride_gm=i32, stride_ws=i32, stride_we=i32,
+                   stride_wn=i32)  # fmt: skip
+        div = ["X_ptr", "G_ptr", "WS_ptr", "Off_ptr", "N", "KD", "M_BUCKET", "stride_xm", "stride_gm", "stride_ws",
+               "stride_we", "stride_wn"]  # fmt: skip
+        return gm._grouped_mm_weight_grad_split_kernel, sig, dict(stride_xk=1, stride_gn=1), div
     if kind == "weight_grad":
         sig = dict(X_ptr=f"*{dt}", G_ptr=f"*{dt}", DW_ptr=f"*{dt}", Off_ptr="*i64", M=i32, N=i32, KD=i32,
                    M_BUCKET=i32, stride_xm=i32, stride_gm=i32, stride_we=i32, stride_wn=i32)  # fmt: skip
@@ -140,12 +149,13 @@ def compile_kernel(fn, cc: int, sig: dict, constexprs: dict, divisible: list[str
     )
 
 
-def gemm_configs(kind: str, cc: int, elem_size: int = 2) -> list:
-    """The grouped-GEMM configs the launcher can pick on ``sm_<cc>`` (shared-memory pruned)."""
+def gemm_configs(kind: str, cc: int, elem_size: int = 2, ieee_fp32: bool = False) -> list:
+    """The grouped-GEMM configs the launcher can pick on ``sm_<cc>`` (shared-memory pruned);
+    ``ieee_fp32``: the candidates for fp32 with IEEE products (the router's dtype)."""
     from moe_kernels.kernels import grouped_mm as gm
 
-    wgrad = kind == "weight_grad"
-    configs = gm.GROUPED_MM_WGRAD_CONFIGS if wgrad else gm.GROUPED_MM_CONFIGS
+    wgrad = kind.startswith("weight_grad")
+    configs = gm.wgrad_configs(ieee_fp32) if wgrad else gm.fwd_configs(ieee_fp32)
     return gm.prune_configs(configs, elem_size, SHARED_LIMIT[cc], wgrad=wgrad)
 
 
@@ -154,25 +164,45 @@ def config_id(cfg) -> str:
     return f"{k['BLOCK_M']}x{k['BLOCK_N']}x{k['BLOCK_K']}-w{cfg.num_warps}-s{cfg.num_stages}"
 
 
-def aot_records(cc: int, dtypes=("fp16", "bf16"), kinds=("forward", "dx", "weight_grad"), limit=None) -> list[dict]:
-    """Compile every (kind, dtype, config) for ``sm_<cc>`` and analyse the cubins."""
+KINDS = ("forward", "dx", "weight_grad", "weight_grad_split")
+
+
+def aot_records(
+    cc: int, dtypes=("fp16", "bf16", "fp32"), kinds=KINDS, limit: int | None = None
+) -> list[dict]:
+    """Compile every (kind, dtype, config) the launcher can pick for ``sm_<cc>``, plus the split
+    weight gradient's partial-sum kernel, and analyse the cubins. fp32 uses the IEEE-product
+    candidates (what the router runs); fp16/bf16 the tensor-core ones."""
+    from moe_kernels.kernels import grouped_mm as gm
+
     cuobjdump = find_cuobjdump()
     records = []
+
+    def add(kernel, name: str, dt: str, config: str) -> None:
+        rec = {"kernel": name, "dtype": dt, "config": config, "arch": f"sm_{cc}",
+               "shared_bytes": kernel.metadata.shared}  # fmt: skip
+        if cuobjdump:
+            path = os.path.join(tmp, "k.cubin")
+            with open(path, "wb") as f:
+                f.write(kernel.asm["cubin"])
+            rec.update(analyze_cubin(path, cuobjdump))
+        records.append(rec)
+
     with tempfile.TemporaryDirectory() as tmp:
         for kind in kinds:
             for dt in dtypes:
-                for cfg in gemm_configs(kind, cc)[:limit]:
+                ieee = dt == "fp32"
+                for cfg in gemm_configs(kind, cc, 4 if ieee else 2, ieee_fp32=ieee)[:limit]:
                     fn, sig, const, div = gemm_signature(kind, dt)
-                    const.update(INPUT_PRECISION="tf32", DOT_FP32=False, **cfg.kwargs)
+                    const.update(INPUT_PRECISION="ieee" if ieee else "tf32", DOT_FP32=False, **cfg.kwargs)
                     k = compile_kernel(fn, cc, sig, const, div, cfg.num_warps, cfg.num_stages)
-                    rec = {"kernel": f"grouped_mm_{kind}", "dtype": dt, "config": config_id(cfg), "arch": f"sm_{cc}",
-                           "shared_bytes": k.metadata.shared}  # fmt: skip
-                    if cuobjdump:
-                        path = os.path.join(tmp, "k.cubin")
-                        with open(path, "wb") as f:
-                            f.write(k.asm["cubin"])
-                        rec.update(analyze_cubin(path, cuobjdump))
-                    records.append(rec)
+                    add(k, f"grouped_mm_{kind}", dt, config_id(cfg))
+        if "weight_grad_split" in kinds:
+            for dt in dtypes:
+                sig = dict(WS_ptr="*fp32", Out_ptr=f"*{dt}", NUMEL="i32", SPLIT="i32")
+                divisible = ["WS_ptr", "Out_ptr", "NUMEL"]
+                k = compile_kernel(gm._split_sum_kernel, cc, sig, dict(BLOCK=1024), divisible, 4, 3)
+                add(k, "grouped_mm_split_sum", dt, "1024-w4")
     return records
 
 

@@ -206,12 +206,7 @@ def test_interpreter_uses_one_config(monkeypatch):
 
 
 def _split_case(dt: str):
-    i32 = "i32"
-    sig = dict(X_ptr=f"*{dt}", G_ptr=f"*{dt}", WS_ptr="*fp32", Off_ptr="*i64", M=i32, N=i32, KD=i32, M_BUCKET=i32,
-               SPLIT=i32, stride_xm=i32, stride_gm=i32, stride_ws=i32, stride_we=i32, stride_wn=i32)  # fmt: skip
-    div = ["X_ptr", "G_ptr", "WS_ptr", "Off_ptr", "N", "KD", "M_BUCKET", "stride_xm", "stride_gm", "stride_ws",
-           "stride_we", "stride_wn"]  # fmt: skip
-    return gm._grouped_mm_weight_grad_split_kernel, sig, dict(stride_xk=1, stride_gn=1), div
+    return gemm_signature("weight_grad_split", dt)
 
 
 def _wgrad_configs(cc: int, dt: str) -> list:
@@ -268,3 +263,29 @@ def test_grouped_mm_fp32_ieee_does_not_spill(kind, cc, index):
     kernel = _compile(fn, cc, sig, const, div, cfg.num_warps, cfg.num_stages)
     _check_shared(kernel, cc)
     _check_no_spills(kernel, f"{kind} fp32/IEEE on sm_{cc} with {_cfg_id(cfg)}")
+
+
+def test_bench_kernels_cli_reports_every_kernel(tmp_path):
+    """``python -m bench.kernels --arch sm_90 --json PATH`` (one config per kernel and dtype here):
+    a record per compiled kernel with the fields DESIGN.md section 8 names."""
+    from bench import kernels
+
+    path = tmp_path / "k.json"
+    assert kernels.main(["--arch", "sm_90", "--limit", "1", "--json", str(path)]) == 0
+    import json
+
+    records = json.loads(path.read_text())
+    names = {(r["kernel"], r["dtype"]) for r in records}
+    for kind in kernels.KINDS:
+        for dt in ("fp16", "bf16", "fp32"):
+            assert (f"grouped_mm_{kind}", dt) in names
+    assert ("grouped_mm_split_sum", "fp32") in names
+    for r in records:
+        assert {"kernel", "config", "arch", "n_regs", "n_spills", "shared_bytes", "wgmma", "mma", "tma"} <= set(r) or (
+            kernels.find_cuobjdump() is None
+        )
+        assert r["arch"] == "sm_90"
+        if kernels.find_cuobjdump() is not None:
+            assert r["n_spills"] == 0, r
+            if r["dtype"] != "fp32" and r["kernel"] != "grouped_mm_split_sum":
+                assert r["wgmma"] > 0, r
