@@ -17,13 +17,31 @@ import torch
 from torch import Tensor, nn
 
 from moe_kernels.ops import gelu_grouped_mm, grouped_mm
+from moe_kernels.validation import check_positive_int
 
-__all__ = ["ExpertMLPs", "pair"]
+__all__ = ["ExpertMLPs", "expert_sizes", "pair"]
 
 
 def pair(v):
     """timm's ``to_2tuple`` for ``bias``/``drop``: a pair stays, a scalar is doubled."""
     return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
+def expert_sizes(
+    owner: str, in_features: int, hidden_features: int | None, out_features: int | None, num_experts: int
+) -> tuple[int, int]:
+    """``(hidden_features, out_features)`` with timm's defaults (D), every size checked to be an
+    int >= 1 (errors name ``owner`` and the argument)."""
+    out_features = out_features or in_features
+    hidden_features = hidden_features or in_features
+    for name, v in (
+        ("in_features", in_features),
+        ("hidden_features", hidden_features),
+        ("out_features", out_features),
+        ("num_experts", num_experts),
+    ):
+        check_positive_int(f"{owner}: {name}", v)
+    return hidden_features, out_features
 
 
 class ExpertMLPs(nn.Module):

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from moe_kernels import expert_parallel
-from moe_kernels.experts import ExpertMLPs
+from moe_kernels.experts import ExpertMLPs, expert_sizes
 from moe_kernels.ops import Routing, combine, dispatch
 from moe_kernels.routers import ExpertChoiceRouter, NoisyTopKRouter, RouterOutput
 from moe_kernels.validation import check_int_in, check_positive_int, check_positive_number
@@ -140,15 +140,7 @@ class MoEMlp(ExpertMLPs):
     ) -> None:
         super().__init__()
         dd = {"device": device, "dtype": dtype}
-        out_features = out_features or in_features
-        hidden_features = hidden_features or in_features
-        for name, v in (
-            ("in_features", in_features),
-            ("hidden_features", hidden_features),
-            ("out_features", out_features),
-            ("num_experts", num_experts),
-        ):
-            check_positive_int(f"MoEMlp: {name}", v)
+        hidden_features, out_features = expert_sizes("MoEMlp", in_features, hidden_features, out_features, num_experts)
         if router not in ROUTERS:
             raise ValueError(f"MoEMlp: router must be one of {ROUTERS}, got {router!r}")
         check_int_in("MoEMlp: k", k, 1, num_experts, f"num_experts={num_experts}")

@@ -40,7 +40,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from moe_kernels.experts import ExpertMLPs
+from moe_kernels.experts import ExpertMLPs, expert_sizes
 from moe_kernels.routers import _logits
 from moe_kernels.validation import check_positive_int
 
@@ -208,15 +208,9 @@ class SoftMoEMlp(ExpertMLPs):
     ) -> None:
         super().__init__()
         dd = {"device": device, "dtype": dtype}
-        out_features = out_features or in_features
-        hidden_features = hidden_features or in_features
-        for name, v in (
-            ("in_features", in_features),
-            ("hidden_features", hidden_features),
-            ("out_features", out_features),
-            ("num_experts", num_experts),
-        ):
-            _check_int(name, v)
+        hidden_features, out_features = expert_sizes(
+            "SoftMoEMlp", in_features, hidden_features, out_features, num_experts
+        )
         _check_int("num_slots", num_slots, allow_none=True)
         _check_int("group_size", group_size, allow_none=True)
         c_ok = isinstance(capacity_factor, (int, float)) and not isinstance(capacity_factor, bool)
