@@ -65,7 +65,7 @@ def evaluate(model: nn.Module, ds, *, num_classes: int, batch_size: int = 256, s
     ]
     token_routed = [(i, m) for i, m in token_routed if m.router is not None]
     for i, m in token_routed:
-        hooks.append(m.router.register_forward_hook(lambda mod, inp, out, i=i: captured.append((i, out.routing))))
+        hooks.append(m.router.register_forward_hook(lambda mod, inp, out, i=i: captured.append((i, out.plan))))
     loss_sum, n, hit, router_hit = 0.0, 0, 0, 0
     try:
         for x, y in DataLoader(ds, batch_size=batch_size):

@@ -27,11 +27,6 @@ __all__ = [
     "shard_state_dict",
 ]
 
-#: The parameters of an ``MoEMlp`` that are sharded along their first (expert) dimension
-#: (owned by ``MoEMlp``; kept here under its old name).
-EXPERT_PARAMS = MoEMlp.EXPERT_PARAMETERS
-
-
 # --- checkpoints and gradients of sharded models --------------------------------------------
 
 

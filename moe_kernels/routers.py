@@ -55,10 +55,6 @@ class RouterOutput:
         return self.plan
 
 
-# Kept for code written against the old private name (validation.py owns the check).
-_check_factor = check_positive_number
-
-
 def _groups(num_tokens: int, group_size: int | None) -> int:
     """S, checked: group_size must divide the tokens of the call."""
     if group_size is None:

@@ -154,7 +154,7 @@ def test_readme_vit_trains_through_a_batch_of_4_and_a_last_partial_batch():
     layers = [m for m in model.modules() if isinstance(m, mk.MoEMlp)]
     assert len(layers) == 6
     groups = []
-    layers[0].router.register_forward_hook(lambda mod, inp, out: groups.append(out.routing))
+    layers[0].router.register_forward_hook(lambda mod, inp, out: groups.append(out.plan))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     images, labels = torch.randn(10, 3, 224, 224), torch.randint(0, 10, (10,))
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, labels), batch_size=4)

@@ -115,11 +115,11 @@ def _case(name: str, rank: int, W: int) -> None:
             want = sum(ref[2][n] for ref in refs)[lo:hi]
         torch.testing.assert_close(_grad(p), want, **close, msg=lambda m, n=n: f"grad of {n}: {m}")
     if empty_ranks:
-        assert all(ep.router(x, capacity_factor=kw["capacity_factor"]).routing.indices.max() < per_rank for x in xs)
+        assert all(ep.router(x, capacity_factor=kw["capacity_factor"]).plan.indices.max() < per_rank for x in xs)
         if rank > 0:
             assert not ep.fc1_weight.grad.any(), "experts of an empty rank received gradient"
     if name == "capacity":  # the case must actually drop assignments
-        r = full.router(xs[rank], capacity_factor=1.0, group_size=gs_size).routing
+        r = full.router(xs[rank], capacity_factor=1.0, group_size=gs_size).plan
         assert int(r.counts.sum()) < xs[rank].shape[0] * 2, "no assignment was dropped"
 
 

@@ -247,7 +247,7 @@ def test_autocast_fp32_weights_bf16_compute_fp32_routing():
         routed = m.router(x, capacity_factor=1.0, group_size=8)
     assert out.dtype == torch.bfloat16 and routed.logits.dtype == torch.float32
     # The router ran in fp32 under autocast: the same decisions as without it.
-    assert torch.equal(routed.routing.slot, m.router(x, capacity_factor=1.0, group_size=8).routing.slot)
+    assert torch.equal(routed.plan.slot, m.router(x, capacity_factor=1.0, group_size=8).plan.slot)
     torch.testing.assert_close(out.float(), ref, atol=0.1, rtol=0.05)
     out.float().sum().backward()
     assert x.grad is not None and m.fc1_weight.grad.dtype == torch.float32
@@ -371,7 +371,7 @@ def test_images_per_group_is_the_largest_divisor_up_to_n(batch, group_images, wa
 
 def _groups_of(m: mk.MoEMlp) -> list[int]:
     seen: list[int] = []
-    m.router.register_forward_hook(lambda mod, inp, out: seen.append(out.routing.num_groups))
+    m.router.register_forward_hook(lambda mod, inp, out: seen.append(out.plan.num_groups))
     return seen
 
 

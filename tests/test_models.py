@@ -137,7 +137,7 @@ def test_experts_share_initial_weights():
 def test_routing_groups_are_whole_images():
     m = small_vmoe(group_images=4)
     groups = []
-    m.blocks[1].mlp.router.register_forward_hook(lambda mod, inp, out: groups.append(out.routing.num_groups))
+    m.blocks[1].mlp.router.register_forward_hook(lambda mod, inp, out: groups.append(out.plan.num_groups))
     m(torch.randn(8, 1, 16, 16))  # 2 groups of 4 images (17 tokens each)
     m(torch.randn(6, 1, 16, 16))  # 6 is no multiple of 4: its largest divisor up to 4, 2 groups of 3
     m(torch.randn(5, 1, 16, 16))  # prime: groups of 1 image
@@ -155,7 +155,7 @@ def test_mobile_router_drives_every_moe_layer():
     assert len(seen) == 2 and all(r is route for r in seen)
     # Every token of an image goes to the image's top-K experts.
     top = route.logits.topk(2, dim=-1).indices  # [B, K]
-    idx = route.routing.indices.view(3, 17, 2)
+    idx = route.plan.indices.view(3, 17, 2)
     assert torch.equal(idx, top[:, None, :].expand(3, 17, 2))
 
 

@@ -80,10 +80,10 @@ def test_batch_priority_uses_top1_weight():
     x = torch.zeros(T, 3)
     x[:, 0] = torch.tensor([0.1, 0.2, 3.0, 0.4, 2.0, 0.05, 1.0, 4.0])
     out = r(x, capacity_factor=0.5, group_size=None)  # C = ceil(8*1*0.5/4)=1 -> 4
-    kept = (out.routing.slot[:, 0] >= 0).tolist()
+    kept = (out.plan.slot[:, 0] >= 0).tolist()
     assert kept == [False, False, True, False, True, False, True, True]
     r.batch_priority = False
-    kept = (r(x, capacity_factor=0.5).routing.slot[:, 0] >= 0).tolist()
+    kept = (r(x, capacity_factor=0.5).plan.slot[:, 0] >= 0).tolist()
     assert kept == [True] * 4 + [False] * 4
 
 
@@ -141,7 +141,8 @@ def test_per_image_router_drives_several_layers(router_input, k):
     layers = [mk.MoEMlp(D, 12, num_experts=E, router="external") for _ in range(2)]
     x = torch.randn(B, N, D)
     out = router(x)
-    assert out.logits.shape == (B, E) and out.routing.dropless
+    assert out.logits.shape == (B, E) and out.plan.dropless
+    assert out.routing is out.plan  # the plan's earlier name still reads it
     feats = x[:, 0] if router_input == "cls" else x.mean(1)
     logits = router.proj(F.layer_norm(feats, (D,), eps=1e-6))
     torch.testing.assert_close(out.logits, logits)

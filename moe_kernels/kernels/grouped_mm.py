@@ -301,6 +301,19 @@ def _wgrad_tile(
 
 
 @triton.jit
+def _wgrad_coords(Off_ptr, pid, e, M, N, KD, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The dW tile of program ``pid`` (columns ``rn`` of N, ``rk`` of KD, with their masks) and
+    expert e's rows ``[start, end)``, clamped to [0, M]: GPU offsets are not validated on the
+    host (that would be a sync)."""
+    num_k = tl.cdiv(KD, BLOCK_K)
+    rn = (pid // num_k) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = (pid % num_k) * BLOCK_K + tl.arange(0, BLOCK_K)
+    start = tl.maximum(tl.load(Off_ptr + e), 0)
+    end = tl.minimum(tl.load(Off_ptr + e + 1), M)
+    return rn, rk, rn < N, rk < KD, start, end
+
+
+@triton.jit
 def _grouped_mm_weight_grad_kernel(
     X_ptr,
     G_ptr,
@@ -331,14 +344,7 @@ def _grouped_mm_weight_grad_kernel(
     """
     pid = tl.program_id(0)
     e = tl.program_id(1)
-    num_k = tl.cdiv(KD, BLOCK_K)
-    rn = (pid // num_k) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = (pid % num_k) * BLOCK_K + tl.arange(0, BLOCK_K)
-    n_ok = rn < N
-    k_ok = rk < KD
-    # Clamped to [0, M]: GPU offsets are not validated on the host (that would be a sync).
-    start = tl.maximum(tl.load(Off_ptr + e), 0)
-    end = tl.minimum(tl.load(Off_ptr + e + 1), M)
+    rn, rk, n_ok, k_ok, start, end = _wgrad_coords(Off_ptr, pid, e, M, N, KD, BLOCK_N, BLOCK_K)
     acc = _wgrad_tile(X_ptr, G_ptr, start, end, rn, rk, n_ok, k_ok, stride_xm, stride_xk, stride_gm, stride_gn,
                       INPUT_PRECISION, DOT_FP32, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
     dw_ptrs = DW_ptr + e.to(tl.int64) * stride_we + rn[:, None].to(tl.int64) * stride_wn + rk[None, :] * stride_wk
@@ -383,13 +389,7 @@ def _grouped_mm_weight_grad_split_kernel(
     pid = tl.program_id(0)
     e = tl.program_id(1)
     s = tl.program_id(2)
-    num_k = tl.cdiv(KD, BLOCK_K)
-    rn = (pid // num_k) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = (pid % num_k) * BLOCK_K + tl.arange(0, BLOCK_K)
-    n_ok = rn < N
-    k_ok = rk < KD
-    start = tl.maximum(tl.load(Off_ptr + e), 0)
-    end = tl.minimum(tl.load(Off_ptr + e + 1), M)
+    rn, rk, n_ok, k_ok, start, end = _wgrad_coords(Off_ptr, pid, e, M, N, KD, BLOCK_N, BLOCK_K)
     blocks = tl.cdiv(tl.maximum(end - start, 0), BLOCK_M)
     first = start + (s * blocks // SPLIT) * BLOCK_M
     stop = tl.minimum(start + ((s + 1) * blocks // SPLIT) * BLOCK_M, end)
