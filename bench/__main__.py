@@ -52,8 +52,11 @@ def main(argv=None) -> int:
     t0 = time.time()
     print(f"# moe_kernels benchmark on {device_name(device)}", flush=True)
     sgemm_gflops, sgemm_t = sgemm(device, args.sgemm_n)
-    print(f"# sgemm ({args.sgemm_n}^3, fp32): {sgemm_gflops:.1f} GFLOP/s"
-          f" ({sgemm_t.median_ms:.2f} ms ± {sgemm_t.iqr_ms:.2f}, {sgemm_t.runs} runs)", flush=True)
+    print(
+        f"# sgemm ({args.sgemm_n}^3, fp32): {sgemm_gflops:.1f} GFLOP/s"
+        f" ({sgemm_t.median_ms:.2f} ms ± {sgemm_t.iqr_ms:.2f}, {sgemm_t.runs} runs)",
+        flush=True,
+    )
     records, notes = [], []
     for dt in dtypes:
         dt_cases, kw = cases, dict(min_run_time=mrt, min_runs=runs, max_warmup=2 if quick else 4)
@@ -68,9 +71,15 @@ def main(argv=None) -> int:
     if not quick:
         for case in SWEEP_CASES:
             if not args.cases or case.name in args.cases:
-                records += run_layer_case(case, "fp32", device, impls=("moe_kernels", "dense", "floor",
-                                                                        "padded_bmm", "grouped_mm"),
-                                          modes=("fwd_bwd",), min_run_time=mrt, min_runs=runs)
+                records += run_layer_case(
+                    case,
+                    "fp32",
+                    device,
+                    impls=("moe_kernels", "dense", "floor", "padded_bmm", "grouped_mm"),
+                    modes=("fwd_bwd",),
+                    min_run_time=mrt,
+                    min_runs=runs,
+                )
         for case in cases:
             records += run_op_cases(case, "fp32", device, min_run_time=min(mrt, 0.5))
         if device.type == "cpu" and not args.cases:
@@ -92,16 +101,22 @@ def main(argv=None) -> int:
         },
         "threads": torch.get_num_threads(),
         "sgemm_gflops": round(sgemm_gflops, 2),
-        "sgemm": {"n": args.sgemm_n, "median_ms": round(sgemm_t.median_ms, 4), "iqr_ms": round(sgemm_t.iqr_ms, 4),
-                  "runs": sgemm_t.runs},
+        "sgemm": {
+            "n": args.sgemm_n,
+            "median_ms": round(sgemm_t.median_ms, 4),
+            "iqr_ms": round(sgemm_t.iqr_ms, 4),
+            "runs": sgemm_t.runs,
+        },
         "quick": quick,
         "elapsed_s": round(elapsed, 1),
         "notes": notes,
         "command": "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
     print()
-    print(f"## Whole layer ({meta['device']}; torch {torch.__version__}; {elapsed:.0f} s;"
-          f" sgemm {sgemm_gflops:.1f} GFLOP/s)")
+    print(
+        f"## Whole layer ({meta['device']}; torch {torch.__version__}; {elapsed:.0f} s;"
+        f" sgemm {sgemm_gflops:.1f} GFLOP/s)"
+    )
     print()
     print(report.layer_table(records, sgemm_gflops))
     ops = report.op_table(records)
@@ -129,8 +144,10 @@ def _emulated_bf16(device: torch.device) -> str | None:
     flags = cpuinfo("flags") if device.type == "cpu" else None
     if flags is None or {"avx512_bf16", "amx_bf16"} & set(flags.split()):
         return None
-    return ("no bf16 instructions (avx512_bf16, amx_bf16) on this CPU: torch emulates bf16 matmuls (30-50x fp32's"
-            " time) in the baselines and the dense MLP; the layer's C++ grouped GEMM runs them in fp32")
+    return (
+        "no bf16 instructions (avx512_bf16, amx_bf16) on this CPU: torch emulates bf16 matmuls (30-50x fp32's"
+        " time) in the baselines and the dense MLP; the layer's C++ grouped GEMM runs them in fp32"
+    )
 
 
 def _triton_version() -> str | None:

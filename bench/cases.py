@@ -51,6 +51,4 @@ MOBILE_TINY = LayerCase("mobile_tiny", 64 * 197, 192, 768, 10, 2, None, 197, per
 MAIN_CASES = (VMOE_S32, VMOE_B16, MOBILE_TINY)
 
 # Token sweep at V-MoE-S/32 widths: 1, 2, 4 and 8 groups of 400 tokens.
-SWEEP_CASES = tuple(
-    dataclasses.replace(VMOE_S32, name=f"sweep_s32_T{400 * g}", tokens=400 * g) for g in (1, 2, 4, 8)
-)
+SWEEP_CASES = tuple(dataclasses.replace(VMOE_S32, name=f"sweep_s32_T{400 * g}", tokens=400 * g) for g in (1, 2, 4, 8))

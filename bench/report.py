@@ -101,8 +101,11 @@ def check_targets(records: list[dict]) -> list[dict]:
             if base:
                 add(case, dtype, "smallest speed-up over a baseline", min(base), BASELINE_MARGIN, at_most=False)
             if dense:
-                mem = (ours["peak_mem_mb"] / dense["peak_mem_mb"] if ours["peak_mem_mb"] and dense["peak_mem_mb"]
-                       else math.nan)
+                mem = (
+                    ours["peak_mem_mb"] / dense["peak_mem_mb"]
+                    if ours["peak_mem_mb"] and dense["peak_mem_mb"]
+                    else math.nan
+                )
                 add(case, dtype, "peak memory x dense", mem, PEAK_OVER_DENSE)
         elif case in BF16_OVER_FP32 and dtype == "bf16":
             fp32 = by.get((case, "fp32"), {}).get("moe_kernels")
@@ -116,8 +119,10 @@ def targets(records: list[dict]) -> str:
     lines = []
     for t in check_targets(records):
         op = "<=" if t["target"] != "smallest speed-up over a baseline" else ">="
-        lines.append(f"- {t['case']} {t['dtype']}: {t['target']} {t['value']:.2f}"
-                     f" (target {op} {t['limit']:.2f}: {'met' if t['met'] else 'MISSED'})")
+        lines.append(
+            f"- {t['case']} {t['dtype']}: {t['target']} {t['value']:.2f}"
+            f" (target {op} {t['limit']:.2f}: {'met' if t['met'] else 'MISSED'})"
+        )
     checked = {(t["case"], t["dtype"]) for t in check_targets(records)}
     for case in DENSE_LIMITS:
         if (case, "fp32") not in checked:

@@ -29,8 +29,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # against 12 assignments per expert on average; the busiest experts overflow, so some drop.
 TINY = dataclasses.replace(VMOE_S32, name="tiny", tokens=96, width=32, hidden=64, group_size=48)
 # Per-image dropless routing: 4 images of 12 tokens.
-TINY_IMG = dataclasses.replace(MOBILE_TINY, name="tiny_img", tokens=48, width=16, hidden=24, group_size=12,
-                               per_image=12)
+TINY_IMG = dataclasses.replace(
+    MOBILE_TINY, name="tiny_img", tokens=48, width=16, hidden=24, group_size=12, per_image=12
+)
 CPU = torch.device("cpu")
 
 
@@ -72,8 +73,9 @@ def test_dense_is_one_mlp_on_the_kept_rows():
     torch.testing.assert_close(fn(inp), want)
     assert [tuple(t.shape) for t in fn.params] == [(64, 32), (64,), (32, 64), (32,)]
     pb = bl.Params.make(TINY, torch.bfloat16, CPU)
-    assert bl.dense_impl(pb, 5)[1].dtype == torch.bfloat16 and all(t.dtype == torch.bfloat16 for t in
-                                                                   bl.dense_impl(pb, 5)[0].params)
+    assert bl.dense_impl(pb, 5)[1].dtype == torch.bfloat16 and all(
+        t.dtype == torch.bfloat16 for t in bl.dense_impl(pb, 5)[0].params
+    )
 
 
 @pytest.mark.parametrize("form", bl.FLOOR_FORMS)
@@ -125,7 +127,11 @@ def test_run_layer_case_records(case):
     assert 0 < kept <= case.tokens * case.k
     for r in recs:
         assert r["kept"] == kept and (r["tokens"], r["width"], r["hidden"], r["experts"]) == (
-            case.tokens, case.width, case.hidden, case.experts)
+            case.tokens,
+            case.width,
+            case.hidden,
+            case.experts,
+        )
         flops = FLOPS_PER_ROW[r["mode"]] * case.width * case.hidden * kept
         assert r["gflops"] == pytest.approx(flops / r["median_ms"] / 1e6, rel=1e-3, abs=2e-3)
     floor = next(r for r in recs if r["impl"] == "floor")
@@ -143,15 +149,31 @@ def test_sgemm_rate():
 
 
 def _rec(case, impl, ms, *, dtype="fp32", mode="fwd_bwd", mem=10.0, tokens=400, experts=8, gflops=1.0):
-    return dict(case=case, impl=impl, mode=mode, dtype=dtype, median_ms=ms, iqr_ms=0.1, peak_mem_mb=mem,
-                runs=5, gflops=gflops, tokens=tokens, experts=experts)
+    return dict(
+        case=case,
+        impl=impl,
+        mode=mode,
+        dtype=dtype,
+        median_ms=ms,
+        iqr_ms=0.1,
+        peak_mem_mb=mem,
+        runs=5,
+        gflops=gflops,
+        tokens=tokens,
+        experts=experts,
+    )
 
 
 def test_layer_table_ratios():
-    recs = [_rec("c", "moe_kernels", 110.0, gflops=50.0), _rec("c", "dense", 100.0, gflops=55.0),
-            _rec("c", "einsum", 220.0, gflops=25.0)]
-    rows = {ln.split("|")[4].strip(): [c.strip() for c in ln.split("|")[1:-1]]
-            for ln in report.layer_table(recs, 200.0).splitlines()[2:]}
+    recs = [
+        _rec("c", "moe_kernels", 110.0, gflops=50.0),
+        _rec("c", "dense", 100.0, gflops=55.0),
+        _rec("c", "einsum", 220.0, gflops=25.0),
+    ]
+    rows = {
+        ln.split("|")[4].strip(): [c.strip() for c in ln.split("|")[1:-1]]
+        for ln in report.layer_table(recs, 200.0).splitlines()[2:]
+    }
     # columns: case dtype mode impl median IQR peak GFLOP/s %sgemm x-dense speed-up
     assert rows["**moe_kernels**"][7:10] == ["50", "25%", "1.10"]
     assert rows["dense"][9] == "1.00" and rows["einsum"][9:] == ["2.20", "2.00x"]
@@ -164,12 +186,18 @@ def _targets(recs):
 
 def test_targets_against_dense():
     recs = [
-        _rec("vmoe_s32", "moe_kernels", 114.0, mem=12.0), _rec("vmoe_s32", "dense", 100.0, mem=10.0),
-        _rec("vmoe_s32", "loop", 120.0), _rec("vmoe_s32", "einsum", 300.0), _rec("vmoe_s32", "floor", 90.0),
-        _rec("vmoe_b16", "moe_kernels", 116.0, mem=14.0), _rec("vmoe_b16", "dense", 100.0, mem=10.0),
+        _rec("vmoe_s32", "moe_kernels", 114.0, mem=12.0),
+        _rec("vmoe_s32", "dense", 100.0, mem=10.0),
+        _rec("vmoe_s32", "loop", 120.0),
+        _rec("vmoe_s32", "einsum", 300.0),
+        _rec("vmoe_s32", "floor", 90.0),
+        _rec("vmoe_b16", "moe_kernels", 116.0, mem=14.0),
+        _rec("vmoe_b16", "dense", 100.0, mem=10.0),
         _rec("vmoe_b16", "grouped_mm", 118.0),
-        _rec("sweep", "moe_kernels", 109.0, tokens=4096, experts=32), _rec("sweep", "dense", 100.0),
-        _rec("vmoe_s32", "moe_kernels", 170.0, dtype="bf16"), _rec("vmoe_s32", "dense", 3000.0, dtype="bf16"),
+        _rec("sweep", "moe_kernels", 109.0, tokens=4096, experts=32),
+        _rec("sweep", "dense", 100.0),
+        _rec("vmoe_s32", "moe_kernels", 170.0, dtype="bf16"),
+        _rec("vmoe_s32", "dense", 3000.0, dtype="bf16"),
     ]
     t = _targets(recs)
     assert t[("vmoe_s32", "fp32", "x dense")]["met"] and t[("vmoe_s32", "fp32", "x dense")]["limit"] == 1.15
