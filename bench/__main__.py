@@ -1,6 +1,6 @@
 """``python -m bench``: the moe_kernels benchmark on the machine's default device.
 
-  --quick         the three main cases, fp32 (a few minutes on 2 CPU cores)
+  --quick         the main cases (bench.cases.MAIN_CASES), fp32 (a few minutes on 2 CPU cores)
   --json PATH     write {"device", "versions", "sgemm_gflops", "records": [...]} (default out/bench.json)
   --plot PATH     the plot of every implementation's time over the dense MLP's (default out/bench.png)
 
@@ -33,7 +33,7 @@ from bench.suite import run_layer_case, run_op_cases  # noqa: E402
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="three main cases, fp32 only")
+    ap.add_argument("--quick", action="store_true", help="the main cases, fp32 only")
     ap.add_argument("--json", metavar="PATH", default="out/bench.json", help="records as JSON (default out/bench.json)")
     ap.add_argument("--plot", metavar="PATH", default="out/bench.png", help="ratio plot (PNG)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

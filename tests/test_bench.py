@@ -20,7 +20,15 @@ import torch.nn.functional as F
 
 from bench import baselines as bl
 from bench import report
-from bench.cases import MOBILE_TINY, VMOE_S32
+from bench.cases import (
+    EXPERT_SWEEP,
+    MAIN_CASES,
+    MOBILE_TINY,
+    SWEEP_CASES,
+    TOKEN_SWEEP,
+    VMOE_S32,
+    VMOE_S32_T4096_E32,
+)
 from bench.measure import Step, backward, sgemm
 from bench.suite import FLOPS_PER_ROW, run_layer_case, useful_flops
 
@@ -249,3 +257,28 @@ def test_main_writes_the_fields(tmp_path):
     assert all(r["gflops"] > 0 for r in data["records"])
     assert "x dense" in out.stdout and "% sgemm" in out.stdout and "## Targets" in out.stdout
     assert png.stat().st_size > 0
+
+
+def test_sweep_cases():
+    s32 = dict(width=512, hidden=2048, k=2, capacity_factor=1.05)
+    assert [c.tokens for c in TOKEN_SWEEP] == [400 * g for g in (1, 2, 4, 8, 16, 32, 41)]
+    assert TOKEN_SWEEP[-1].tokens >= 16384 and SWEEP_CASES == TOKEN_SWEEP[:4]
+    assert [c.name for c in SWEEP_CASES] == ["sweep_s32_T400", "sweep_s32_T800", "sweep_s32_T1600", "sweep_s32_T3200"]
+    for c in TOKEN_SWEEP:
+        assert {f: getattr(c, f) for f in s32} == s32 and (c.experts, c.group_size, c.capacity) == (8, 400, 108)
+    # Expert sweep: T, S, D, H, K fixed (the active FLOPs per token), E = 8, 32, 128; one group of
+    # 4096, so the capacity's rounding keeps the effective capacity factor at 1.05-1.0625.
+    assert [c.experts for c in EXPERT_SWEEP] == [8, 32, 128]
+    assert [c.capacity for c in EXPERT_SWEEP] == [1076, 272, 68]
+    for c in EXPERT_SWEEP:
+        assert {f: getattr(c, f) for f in s32} == s32 and (c.tokens, c.group_size) == (4096, 4096)
+        assert 1.05 <= c.capacity * c.experts / (c.group_size * c.k) <= 1.0625
+        assert c.name == f"sweep_s32_T4096_E{c.experts}"
+    # The T=4096, E=32 case is a main case, the expert sweep's E=32 point, and the run
+    # checks it against the 1.10x-dense target.
+    assert VMOE_S32_T4096_E32 in MAIN_CASES
+    assert dataclasses.replace(EXPERT_SWEEP[1], name=VMOE_S32_T4096_E32.name) == VMOE_S32_T4096_E32
+    assert report.DENSE_LIMITS_BY_SHAPE[(VMOE_S32_T4096_E32.tokens, VMOE_S32_T4096_E32.experts)] == 1.10
+    assert len({c.name for c in MAIN_CASES + TOKEN_SWEEP + EXPERT_SWEEP}) == len(
+        MAIN_CASES + TOKEN_SWEEP + EXPERT_SWEEP
+    )
