@@ -18,16 +18,14 @@ _malloc.init()  # before torch starts its threads (see bench/_malloc.py)
 import argparse  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
-import platform  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 
 import torch  # noqa: E402
 
-import moe_kernels as mk  # noqa: E402
 from bench import report  # noqa: E402
 from bench.cases import MAIN_CASES, SWEEP_CASES  # noqa: E402
-from bench.measure import cpuinfo, device_name, sgemm  # noqa: E402
+from bench.measure import cpuinfo, device_name, sgemm, versions  # noqa: E402
 from bench.suite import run_layer_case, run_op_cases  # noqa: E402
 
 
@@ -93,12 +91,7 @@ def main(argv=None) -> int:
 
     meta = {
         "device": device_name(device),
-        "versions": {
-            "moe_kernels": mk.__version__,
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "triton": _triton_version(),
-        },
+        "versions": versions(),
         "threads": torch.get_num_threads(),
         "sgemm_gflops": round(sgemm_gflops, 2),
         "sgemm": {
@@ -148,15 +141,6 @@ def _emulated_bf16(device: torch.device) -> str | None:
         "no bf16 instructions (avx512_bf16, amx_bf16) on this CPU: torch emulates bf16 matmuls (30-50x fp32's"
         " time) in the baselines and the dense MLP; the layer's C++ grouped GEMM runs them in fp32"
     )
-
-
-def _triton_version() -> str | None:
-    try:
-        import triton
-
-        return triton.__version__
-    except Exception:
-        return None
 
 
 if __name__ == "__main__":

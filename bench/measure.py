@@ -26,6 +26,7 @@ import functools
 import gc
 import math
 import os
+import platform
 import resource
 import statistics
 import sys
@@ -35,6 +36,7 @@ from collections.abc import Callable
 import torch
 import torch.utils.benchmark as tb
 
+import moe_kernels as mk
 from bench import _malloc
 
 MODES = ("fwd", "bwd", "fwd_bwd")
@@ -257,6 +259,22 @@ def sgemm(device: torch.device, n: int = 1536, runs: int = 9) -> tuple[float, Ti
             times.append((time.perf_counter() - t0) * 1e3)
         timing = Timing.of(times)
     return 2.0 * n**3 / timing.median_ms / 1e6, timing
+
+
+def versions() -> dict[str, str | None]:
+    """The versions a run's JSON records: moe_kernels, torch, python and triton (None if absent)."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception:
+        triton_version = None
+    return {
+        "moe_kernels": mk.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "triton": triton_version,
+    }
 
 
 def device_name(device: torch.device) -> str:

@@ -164,3 +164,90 @@ def plot(records: list[dict], path: str, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+# Sweeps (bench.sweep, docs/sweep.md): which shape field each sweep varies.
+SWEEP_AXES = {"tokens": ("tokens", "T, tokens"), "experts": ("experts", "E, experts (T, K, D, H fixed)")}
+
+
+def us_per_token(r: dict) -> float:
+    """A record's median time per token (us): flat in T where the cost grows linearly in T."""
+    return r["median_ms"] * 1e3 / r["tokens"]
+
+
+def sweep_table(records: list[dict]) -> str:
+    """One row per sweep point: T, E, C, kept assignments, the layer's and dense's time per token
+    (forward+backward) and the layer's time over dense's."""
+    lines = [
+        "| sweep | case | T | E | C | kept | moe_kernels us/token | IQR | dense us/token | IQR | x dense |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    groups = defaultdict(dict)
+    for r in records:
+        if r.get("sweep") and r["mode"] == "fwd_bwd":
+            groups[(r["sweep"], r["case"])][r["impl"]] = r
+    for (sweep, case), by in groups.items():
+        ours, dense = by.get("moe_kernels"), by.get("dense")
+        any_r = ours or dense
+        cells = []
+        for r in (ours, dense):
+            cells += ["-", "-"] if r is None else [_fmt(us_per_token(r)), _fmt(r["iqr_ms"] * 1e3 / r["tokens"])]
+        xd = f"{x_dense(ours, dense):.2f}" if ours and dense else "-"
+        cap = any_r.get("capacity")
+        lines.append(
+            f"| {sweep} | {case} | {any_r['tokens']} | {any_r['experts']} | {'-' if cap is None else cap} |"
+            f" {any_r['kept']} | {' | '.join(cells)} | {xd} |"
+        )
+    return "\n".join(lines)
+
+
+def plot_sweep(records: list[dict], path: str, title: str) -> None:
+    """Two panels, time per token (forward+backward, us) against T (log scale) and against E, for
+    each implementation; error bars span one IQR around the median. A flat line: cost linear in T
+    (left), independent of E at fixed active FLOPs (right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    rows = [r for r in records if r.get("sweep") in SWEEP_AXES and r["mode"] == "fwd_bwd"]
+    fig, axes = plt.subplots(1, len(SWEEP_AXES), figsize=(11, 4.2))
+    for ax, (sweep, (field, label)) in zip(axes, SWEEP_AXES.items(), strict=True):
+        mine = [r for r in rows if r["sweep"] == sweep]
+        impls = list(dict.fromkeys(r["impl"] for r in mine))
+        xs = sorted({r[field] for r in mine})
+        for impl in impls:
+            pts = sorted((r[field], r) for r in mine if r["impl"] == impl)
+            x = [v for v, _ in pts]
+            y = [us_per_token(r) for _, r in pts]
+            err = [r["iqr_ms"] * 1e3 / r["tokens"] / 2 for _, r in pts]
+            ax.errorbar(x, y, yerr=err, marker="o", ms=4, capsize=3, lw=1.2, label=impl)
+            if impl == "moe_kernels":
+                dense = {r[field]: r for r in mine if r["impl"] == "dense"}
+                for v, r in pts:
+                    if v in dense:
+                        ax.annotate(
+                            f"{x_dense(r, dense[v]):.2f}x",
+                            (v, us_per_token(r)),
+                            textcoords="offset points",
+                            xytext=(0, 6),
+                            ha="center",
+                            fontsize=7,
+                        )
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator(xs or [1]))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FixedFormatter([str(v) for v in xs] or [""]))
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        ax.tick_params(axis="x", labelsize=7, labelrotation=45 if len(xs) > 5 else 0)
+        ax.set_ylim(bottom=0)
+        ax.set_xlabel(label)
+        ax.set_ylabel("forward+backward time per token (µs)")
+        ax.set_title(f"{sweep} sweep" if mine else f"{sweep} sweep: not run", fontsize=9)
+        ax.grid(alpha=0.3)
+        if impls:
+            ax.legend(fontsize=8)
+    fig.suptitle(title + "\n(labels: moe_kernels time / dense time)", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -28,6 +28,8 @@ from bench.cases import (
     TOKEN_SWEEP,
     VMOE_S32,
     VMOE_S32_T4096_E32,
+    expert_sweep,
+    token_sweep,
 )
 from bench.measure import Step, backward, sgemm
 from bench.suite import FLOPS_PER_ROW, run_layer_case, useful_flops
@@ -259,6 +261,13 @@ def test_main_writes_the_fields(tmp_path):
     assert png.stat().st_size > 0
 
 
+# The sweeps (bench.sweep) on tiny shapes: tokens in 1, 2 and 4 groups of TINY's 48; experts
+# 8, 32 and 128 on 96 tokens in one group (E=128 above T: C = ceil(96*2*1.05/128) = 2 -> 4 slots,
+# 1.5 assignments per expert on average).
+TINY_TOKENS = token_sweep(TINY, (1, 2, 4), "tiny_sweep")
+TINY_EXPERTS = expert_sweep(dataclasses.replace(TINY, group_size=96), (8, 32, 128), "tiny_sweep")
+
+
 def test_sweep_cases():
     s32 = dict(width=512, hidden=2048, k=2, capacity_factor=1.05)
     assert [c.tokens for c in TOKEN_SWEEP] == [400 * g for g in (1, 2, 4, 8, 16, 32, 41)]
@@ -282,3 +291,60 @@ def test_sweep_cases():
     assert len({c.name for c in MAIN_CASES + TOKEN_SWEEP + EXPERT_SWEEP}) == len(
         MAIN_CASES + TOKEN_SWEEP + EXPERT_SWEEP
     )
+
+
+def test_sweep_table_and_plot(tmp_path):
+    """The per-token table and the two-panel plot from made-up records (no timing involved)."""
+    recs = []
+    for sweep, field, values in (("tokens", "tokens", (400, 800)), ("experts", "experts", (8, 32))):
+        for v in values:
+            for impl, ms in (("moe_kernels", 0.12), ("dense", 0.1)):
+                r = _rec(f"c{v}", impl, ms * (v if field == "tokens" else 400), experts=8, tokens=400)
+                r.update({field: v, "sweep": sweep, "kept": 790, "capacity": 108})
+                recs.append(r)
+    table = report.sweep_table(recs)
+    rows = [[c.strip() for c in ln.split("|")[1:-1]] for ln in table.splitlines()[2:]]
+    assert len(rows) == 4
+    # columns: sweep case T E C kept ours-us/token IQR dense-us/token IQR x-dense
+    assert rows[0][:6] == ["tokens", "c400", "400", "8", "108", "790"]
+    assert rows[0][6] == "120" and rows[0][8] == "100" and rows[0][10] == "1.20"
+    png = tmp_path / "s.png"
+    report.plot_sweep(recs, str(png), "test")
+    assert png.stat().st_size > 0
+    report.plot_sweep([r for r in recs if r["sweep"] == "tokens"], str(png), "one sweep only")
+
+
+def test_sweep_main_writes_records_and_plot(tmp_path):
+    """``python -m bench.sweep`` end to end on the tiny sweeps (a subprocess, as for ``python -m
+    bench``: glibc malloc options for the whole process), one thread."""
+    js, png = tmp_path / "s.json", tmp_path / "s.png"
+    code = (
+        "import sys, torch, bench.sweep as s, tests.test_bench as t; torch.set_num_threads(1);"
+        f" sys.exit(s.main(['--quick', '--json', {str(js)!r}, '--plot', {str(png)!r}, '--sgemm-n', '64',"
+        " '--min-run-time', '0'], token_cases=t.TINY_TOKENS, expert_cases=t.TINY_EXPERTS))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    data = json.loads(js.read_text())
+    assert data["sgemm_gflops"] > 0 and data["threads"] == 1 and data["quick"]
+    assert data["sweeps"] == {"tokens": [c.name for c in TINY_TOKENS], "experts": [c.name for c in TINY_EXPERTS]}
+    recs = data["records"]
+    cases = {c.name: (sweep, c) for sweep, cs in (("tokens", TINY_TOKENS), ("experts", TINY_EXPERTS)) for c in cs}
+    assert {(r["case"], r["impl"]) for r in recs} == {(n, i) for n in cases for i in ("moe_kernels", "dense")}
+    for r in recs:
+        sweep, case = cases[r["case"]]
+        assert r["sweep"] == sweep and r["mode"] == "fwd_bwd" and r["dtype"] == "fp32"
+        assert (r["tokens"], r["experts"], r["group_size"], r["capacity"]) == (
+            case.tokens,
+            case.experts,
+            case.group_size,
+            case.capacity,
+        )
+        assert 0 < r["kept"] <= case.tokens * case.k and r["gflops"] > 0 and r["runs"] >= 5
+        assert r["us_per_token"] == pytest.approx(r["median_ms"] * 1e3 / r["tokens"], rel=1e-3, abs=1e-3)
+        dense = next(d for d in recs if d["case"] == r["case"] and d["impl"] == "dense")
+        assert r["kept"] == dense["kept"]  # dense runs on the layer's kept rows
+        assert r["x_dense"] == pytest.approx(r["median_ms"] / dense["median_ms"], rel=1e-3)
+    assert all(r["x_dense"] == 1.0 for r in recs if r["impl"] == "dense")
+    assert "us/token" in out.stdout and "x dense" in out.stdout
+    assert png.stat().st_size > 0
