@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.moe-kernels-deps
 TORCH  ?= torch==2.14.1
 export MAX_JOBS ?= 2
 
-.PHONY: all venv build test test-asan bench gpu-check demo info lint sdist-check clean
+.PHONY: all venv build test test-asan bench sweep gpu-check demo info lint sdist-check clean
 
 all: test
 
@@ -48,6 +48,10 @@ test-asan: $(STAMP)
 
 bench: build
 	$(PY) -m bench
+
+# Time per token over the token and expert sweeps (docs/sweep.md): out/sweep.json, docs/sweep.png.
+sweep: build
+	$(PY) -m bench.sweep
 
 # The prepared GPU check (bench/gpu_check.py, docs/gpu-check.md). On a machine with a CUDA GPU it
 # runs with that machine's own python3 (nothing installed) and builds _C in place for sm_90a;
