@@ -2,9 +2,10 @@
 registered by name.
 
 Each factory belongs to a family (``"vmoe"``: V-MoE and its dense ViT twins, DESIGN.md section
-6; ``"mobile_vmoe"``: Mobile V-MoE, section 5) under the variant name its family's
-``create_model`` takes (``"B/16"``, ``"tiny"``), and is also reachable by a timm-style name
-(``"vmoe_b16"``, ``"mobile_vmoe_tiny"``)::
+6; ``"soft_moe"``: Soft MoE ViTs, also in ``models.vmoe``; ``"mobile_vmoe"``: Mobile V-MoE,
+section 5) under the variant name its family's ``create_model`` (``create_soft_moe``) takes
+(``"B/16"``, ``"tiny"``), and is also reachable by a timm-style name (``"vmoe_b16"``,
+``"soft_moe_s16"``, ``"mobile_vmoe_tiny"``)::
 
     from models import registry
     registry.list_models("vmoe")                 # ['Mu/4', 'Ti/4', ..., 'H/14']
@@ -50,7 +51,8 @@ def _by_timm_name() -> dict[str, tuple[str, str]]:
 
 
 def list_models(family: str | None = None) -> list[str]:
-    """The variants of ``family`` (``"vmoe"``, ``"mobile_vmoe"``), or every timm-style name."""
+    """The variants of ``family`` (``"vmoe"``, ``"soft_moe"``, ``"mobile_vmoe"``), or every
+    timm-style name."""
     _load_families()
     if family is None:  # families in alphabetical order, each in registration order
         return [timm_name(f, v) for fam in sorted({f for f, _ in _FACTORIES}) for f, v in _FACTORIES if f == fam]
@@ -81,4 +83,4 @@ def create_model(name: str, **kwargs) -> nn.Module:
 
 def _load_families() -> None:
     # Importing a family module runs its @register_model decorators.
-    from models import mobile_vmoe, vmoe  # noqa: F401
+    from models import mobile_vmoe, vmoe  # noqa: F401 (vmoe: the soft_moe family too)

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from moe_kernels import MoEMlp
+from moe_kernels import MoEMlp, SoftMoEMlp
 from moe_kernels.layers import images_per_group
 
 __all__ = ["Attention", "Block", "GELUTanh", "Mlp", "PatchEmbed", "VisionTransformer", "LN_EPS"]
@@ -86,7 +86,8 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    """``x + attn(ln1(x))``, then ``x + mlp(ln2(x))``; the MLP is dense or an ``MoEMlp``.
+    """``x + attn(ln1(x))``, then ``x + mlp(ln2(x))``; the MLP is dense, an ``MoEMlp`` or a
+    ``SoftMoEMlp`` (whose groups are the images: it is called on ``[B, N, D]``).
 
     With a token router (``MoEMlp.router`` set), routing groups are ``group_images`` whole
     images: the group size is passed per call from the batch's tokens per image. A batch that is
@@ -117,10 +118,15 @@ class Block(nn.Module):
         return x + self.mlp(h, routing=routing)
 
 
-def moe_mlp(dim: int, hidden: int, *, num_experts: int, share_init: bool = True, **kwargs) -> MoEMlp:
-    """An ``MoEMlp`` with big_vision's MLP initialisation (Xavier-uniform kernels, N(0, 1e-6)
-    biases); with ``share_init`` every expert starts from expert 0's weights (V-MoE)."""
-    layer = MoEMlp(dim, hidden, act_layer=GELUTanh, num_experts=num_experts, **kwargs)
+def moe_mlp(dim: int, hidden: int, *, num_experts: int, share_init: bool = True, **kwargs) -> MoEMlp | SoftMoEMlp:
+    """An ``MoEMlp`` (``router="soft"``: a ``SoftMoEMlp``) with big_vision's MLP initialisation
+    (Xavier-uniform kernels, N(0, 1e-6) biases); with ``share_init`` every expert starts from
+    expert 0's weights (V-MoE)."""
+    if kwargs.get("router") == "soft":
+        kwargs = {k: v for k, v in kwargs.items() if k != "router"}
+        layer = SoftMoEMlp(dim, hidden, act_layer=GELUTanh, num_experts=num_experts, **kwargs)
+    else:
+        layer = MoEMlp(dim, hidden, act_layer=GELUTanh, num_experts=num_experts, **kwargs)
     with torch.no_grad():
         for w, b in ((layer.fc1_weight, layer.fc1_bias), (layer.fc2_weight, layer.fc2_bias)):
             for e in range(1 if share_init else num_experts):
@@ -135,7 +141,8 @@ def moe_mlp(dim: int, hidden: int, *, num_experts: int, share_init: bool = True,
 
 
 class VisionTransformer(nn.Module):
-    """ViT with class-token classifier; blocks in ``moe_blocks`` get an ``MoEMlp``.
+    """ViT with a class-token (or global-average-pooling) classifier; blocks in ``moe_blocks``
+    get an ``MoEMlp`` (a ``SoftMoEMlp`` with ``moe_kwargs["router"] == "soft"``).
 
     Args:
         image_size, patch_size, in_chans: input geometry.
@@ -147,6 +154,8 @@ class VisionTransformer(nn.Module):
         moe_kwargs: further ``MoEMlp`` keywords (``k``, ``capacity_factor``, ``router``, ...).
         group_images: images per routing group of the token routers.
         share_expert_init: all experts of a layer start from the same weights.
+        classifier: ``"token"`` (a class token, read by the head) or ``"gap"`` (no class token;
+            the head reads the mean of the final-normed tokens: vmoe's Soft MoE models).
     """
 
     def __init__(
@@ -166,8 +175,12 @@ class VisionTransformer(nn.Module):
         moe_kwargs: dict | None = None,
         group_images: int = 8,
         share_expert_init: bool = True,
+        classifier: str = "token",
     ) -> None:
         super().__init__()
+        if classifier not in ("token", "gap"):
+            raise ValueError(f"classifier must be 'token' or 'gap', got {classifier!r}")
+        self.classifier = classifier
         self.moe_blocks = tuple(sorted(set(moe_blocks)))
         if any(not 0 <= i < depth for i in self.moe_blocks):
             raise ValueError(f"moe_blocks {self.moe_blocks} out of range for depth {depth}")
@@ -176,8 +189,8 @@ class VisionTransformer(nn.Module):
         self.in_chans = in_chans
         self.num_experts = num_experts if self.moe_blocks else 0
         self.patch_embed = PatchEmbed(image_size, patch_size, in_chans, dim)
-        self.num_tokens = self.patch_embed.num_patches + 1
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.num_tokens = self.patch_embed.num_patches + (classifier == "token")
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if classifier == "token" else None
         self.pos_embed = nn.Parameter(torch.empty(1, self.num_tokens, dim))
         moe_kwargs = dict(moe_kwargs or {})
         blocks = []
@@ -208,7 +221,7 @@ class VisionTransformer(nn.Module):
             for lin in (blk.attn.qkv, blk.attn.proj):
                 nn.init.xavier_uniform_(lin.weight)
                 nn.init.zeros_(lin.bias)
-            if not blk.is_moe:
+            if isinstance(blk.mlp, Mlp):
                 for lin in (blk.mlp.fc1, blk.mlp.fc2):
                     nn.init.xavier_uniform_(lin.weight)
                     nn.init.normal_(lin.bias, std=1e-6)
@@ -219,14 +232,18 @@ class VisionTransformer(nn.Module):
         nn.init.zeros_(self.head.bias)
 
     def embed(self, x: Tensor) -> Tensor:
-        """``[B, C, I, I] -> [B, N, D]``: patches, class token first, plus position embedding."""
-        x = self.patch_embed(x)  # [B, N-1, D]
+        """``[B, C, I, I] -> [B, N, D]``: patches, class token first (if any), plus position
+        embedding."""
+        x = self.patch_embed(x)  # [B, N-1, D] (N-1 = N without a class token)
+        if self.cls_token is None:
+            return x + self.pos_embed
         cls = self.cls_token.expand(x.shape[0], -1, -1)  # [B, 1, D]
         return torch.cat([cls, x], dim=1) + self.pos_embed  # [B, N, D]
 
     def forward_head(self, x: Tensor) -> Tensor:
-        """``[B, N, D] -> [B, num_classes]`` from the class token."""
-        return self.head(self.pre_logits(self.norm(x)[:, 0]))
+        """``[B, N, D] -> [B, num_classes]`` from the class token (or the tokens' mean)."""
+        x = self.norm(x)
+        return self.head(self.pre_logits(x[:, 0] if self.cls_token is not None else x.mean(dim=1)))
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.embed(x)

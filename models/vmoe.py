@@ -5,6 +5,13 @@ section 6); ``moe_layers=None`` is the dense ViT. Variants are registered factor
 (``vmoe_b16(**kw)``, ...); ``list_models()`` names them. Besides the paper's S/32, B/32, B/16,
 L/16 and H/14 there are small ones for CPU runs: Ti (ViT-Tiny) and Mu (6 x 64) with 16 or 4
 pixel patches.
+
+Soft MoE (Puigcerver et al. 2024, vmoe's ``projects/soft_moe``) is the second family here:
+``create_soft_moe("S/16")`` builds the paper's layout — ViT widths (S is ViT-S, 12 x 384),
+Soft MoE layers in the second half of the blocks, 128 experts (256 for H/14) of 1 slot each,
+no class token and a global-average-pooled head — and ``list_soft_moe_models()`` names its
+variants (timm-style ``soft_moe_s16``, ...). What is supported and what not: see
+``create_soft_moe``.
 """
 
 from __future__ import annotations
@@ -15,7 +22,15 @@ from models import registry
 from models.vit import VisionTransformer
 from moe_kernels.convert import moe_layer_indices
 
-__all__ = ["WIDTHS", "create_model", "list_models", "register_model"]
+__all__ = [
+    "SOFT_WIDTHS",
+    "WIDTHS",
+    "create_model",
+    "create_soft_moe",
+    "list_models",
+    "list_soft_moe_models",
+    "register_model",
+]
 
 #: name: (D hidden, H MLP, heads, blocks). S is V-MoE's S (8 blocks of 512), not timm's.
 WIDTHS: dict[str, tuple[int, int, int, int]] = {
@@ -27,7 +42,17 @@ WIDTHS: dict[str, tuple[int, int, int, int]] = {
     "H": (1280, 5120, 16, 32),
 }
 
+#: Soft MoE's ViT widths (the paper's S is ViT-S: 12 blocks of 384, not V-MoE's S).
+SOFT_WIDTHS: dict[str, tuple[int, int, int, int]] = {
+    "Mu": (64, 256, 2, 6),
+    "S": (384, 1536, 6, 12),
+    "B": (768, 3072, 12, 12),
+    "L": (1024, 4096, 16, 24),
+    "H": (1280, 5120, 16, 32),
+}
+
 FAMILY = "vmoe"
+SOFT_FAMILY = "soft_moe"
 
 
 def register_model(name: str) -> Callable:
@@ -175,3 +200,103 @@ def create_model(
         group_images=group_images,
         **kwargs,
     )
+
+
+# ------------------------------------------------------------------------------- Soft MoE
+def list_soft_moe_models() -> list[str]:
+    """The registered Soft MoE variants (``"Mu/4"``, ``"S/16"``, ``"B/16"``, ``"L/16"``, ``"H/14"``)."""
+    return registry.list_models(SOFT_FAMILY)
+
+
+def _build_soft(
+    width: str,
+    patch_size: int,
+    *,
+    num_experts: int = 128,
+    num_slots: int | None = 1,
+    moe_layers: str | Sequence[int] | None = "second-half",
+    num_classes: int = 1000,
+    representation_size: int | None = None,
+    image_size: int = 224,
+    in_chans: int = 3,
+    classifier: str = "gap",
+    noise_std: float = 0.0,
+    share_expert_init: bool = False,
+    **soft_kwargs,
+) -> VisionTransformer:
+    dim, mlp_dim, heads, depth = SOFT_WIDTHS[width]
+    if moe_layers == "second-half":
+        blocks = tuple(range(depth // 2, depth))
+    elif moe_layers is None:
+        blocks = ()
+    else:
+        blocks = moe_layer_indices(moe_layers, depth)
+    model = VisionTransformer(
+        image_size=image_size,
+        patch_size=patch_size,
+        in_chans=in_chans,
+        num_classes=num_classes,
+        dim=dim,
+        mlp_dim=mlp_dim,
+        num_heads=heads,
+        depth=depth,
+        representation_size=representation_size,
+        moe_blocks=blocks,
+        num_experts=num_experts,
+        moe_kwargs=dict(router="soft", num_slots=num_slots, noise_std=noise_std, **soft_kwargs),
+        share_expert_init=share_expert_init,
+        classifier=classifier,
+    )
+    model.variant = f"{width}/{patch_size}"
+    return model
+
+
+@registry.register_model(SOFT_FAMILY, "Mu/4")
+def soft_moe_mu4(**kw) -> VisionTransformer:
+    """6 x 64, patch 4: the CPU size (16 x 16 inputs -> 16 tokens, no class token)."""
+    return _build_soft("Mu", 4, **{"num_experts": 8, **kw})
+
+
+@registry.register_model(SOFT_FAMILY, "S/16")
+def soft_moe_s16(**kw) -> VisionTransformer:
+    return _build_soft("S", 16, **kw)
+
+
+@registry.register_model(SOFT_FAMILY, "B/16")
+def soft_moe_b16(**kw) -> VisionTransformer:
+    return _build_soft("B", 16, **kw)
+
+
+@registry.register_model(SOFT_FAMILY, "L/16")
+def soft_moe_l16(**kw) -> VisionTransformer:
+    return _build_soft("L", 16, **kw)
+
+
+@registry.register_model(SOFT_FAMILY, "H/14")
+def soft_moe_h14(**kw) -> VisionTransformer:
+    return _build_soft("H", 14, **{"num_experts": 256, **kw})
+
+
+def create_soft_moe(variant: str = "S/16", **kwargs) -> VisionTransformer:
+    """A Soft MoE ViT of a registered variant (``list_soft_moe_models()``).
+
+    Keywords (defaults: the paper's layout):
+        num_experts: E per Soft MoE layer (128; 256 for H/14, 8 for Mu/4).
+        num_slots: P slots per expert (1). ``None`` with ``group_size`` derives P from
+            ``capacity_factor`` as vmoe does.
+        moe_layers: ``"second-half"`` (blocks ``depth//2 .. depth-1``), ``"every-n"``,
+            ``"last-n"``, a tuple of block indices, or ``None`` (the dense twin).
+        classifier: ``"gap"`` (no class token, mean of the final-normed tokens: vmoe's Soft MoE
+            configs) or ``"token"`` (a class token, as V-MoE).
+        noise_std: Soft MoE router noise in training (0).
+        num_classes, representation_size, image_size, in_chans: as ``create_model``.
+        share_expert_init: experts start equal (False).
+        Further ``SoftMoEMlp`` keywords: ``capacity_factor``, ``group_size``, ``backend``.
+
+    Supported: the layer is ``moe_kernels.SoftMoEMlp`` (vmoe's router math, one group per
+    image); tanh GELU and LayerNorm eps 1e-6 as the V-MoE models. Not supported: importing vmoe's
+    released Soft MoE checkpoints (``models.vmoe_checkpoint`` reads V-MoE's only).
+    """
+    if variant not in list_soft_moe_models():
+        raise ValueError(f"unknown Soft MoE variant {variant!r}; registered: {list_soft_moe_models()}")
+    return registry.get_factory(SOFT_FAMILY, variant)(**kwargs)

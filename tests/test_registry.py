@@ -1,4 +1,4 @@
-"""models.registry: one registry serves V-MoE and Mobile V-MoE; the families' ``create_model``
+"""models.registry: one registry serves V-MoE, Soft MoE and Mobile V-MoE; the families' ``create_model``
 calls keep their arguments and parameter counts; timm-style names reach the same factories."""
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ def _params(m: torch.nn.Module) -> int:
     return sum(p.numel() for p in m.parameters())
 
 
-def test_one_registry_serves_both_families():
+def test_one_registry_serves_every_family():
     names = registry.list_models()
     assert names == [registry.timm_name("mobile_vmoe", s) for s in mobile_vmoe.list_models()] + [
-        registry.timm_name("vmoe", v) for v in vmoe.list_models()
-    ]
+        registry.timm_name("soft_moe", v) for v in vmoe.list_soft_moe_models()
+    ] + [registry.timm_name("vmoe", v) for v in vmoe.list_models()]
     assert "vmoe_b16" in names and "mobile_vmoe_tiny" in names and len(set(names)) == len(names)
     assert vmoe.list_models()[:4] == ["Mu/4", "Ti/4", "Ti/16", "S/32"]
     assert mobile_vmoe.list_models()[0] == "tiny"
