@@ -28,8 +28,8 @@ Math (DESIGN.md section 8), in fp32 whatever the activations' dtype (autocast in
 In models: ``mk.moeify(model, layers, num_experts=E, router="soft", num_slots=P)`` swaps the
 MLPs of a timm ViT (or of ``models.vit.VisionTransformer``, e.g. a dense
 ``models.vmoe.create_model(variant, moe_layers=None)``) for Soft MoE layers. Those models keep
-their class token and class-token head: vmoe's own Soft MoE configs (no class token, global
-average pooling) are not reproduced as registered variants.
+their class token and class-token head; ``models.vmoe.create_soft_moe`` builds vmoe's own
+Soft MoE layout (no class token, global average pooling; docs/soft_moe.md).
 """
 
 from __future__ import annotations
