@@ -12,8 +12,6 @@ __all__ = ["DEFAULTS", "KINDS", "build_model", "default_variant"]
 KINDS = ("dense", "vmoe", "mobile")
 
 #: Defaults of a run's config (the CLI flags mirror them).
-
-#: Defaults of a run's config (the CLI flags mirror them).
 DEFAULTS = dict(
     model="vmoe",
     variant=None,
@@ -24,6 +22,8 @@ DEFAULTS = dict(
     capacity_factor=1.05,
     eval_capacity_factor=None,
     group_images=8,
+    expert_mlp_dim=None,
+    renormalize=False,
     num_moe_layers=2,
     router_input="cls",
     representation_size=None,
@@ -73,6 +73,8 @@ def build_model(cfg: dict) -> nn.Module:
             capacity_factor=cfg["capacity_factor"],
             eval_capacity_factor=cfg.get("eval_capacity_factor"),
             group_images=cfg["group_images"],
+            expert_mlp_dim=cfg.get("expert_mlp_dim"),
+            renormalize=cfg.get("renormalize", False),
             **common,
         )
     if variant in mobile_vmoe.list_models():

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset, TensorDataset
 
-__all__ = ["Splits", "labels_of", "load_dataset", "load_digits", "load_image_folder"]
+__all__ = ["Splits", "labels_of", "load_dataset", "load_digit_pairs", "load_digits", "load_image_folder"]
 
 
 @dataclasses.dataclass
@@ -69,6 +69,67 @@ def load_digits(image_size: int = 16, *, val_frac: float = 0.15, test_frac: floa
     )
 
 
+def pair_table(seed: int = 0) -> torch.Tensor:
+    """The digit-pair task's ``[10, 10]`` int64 label table: a fixed random class in 0..9 for
+    each ordered pair of digits (left, right)."""
+    return torch.randint(0, 10, (10, 10), generator=torch.Generator().manual_seed(seed))
+
+
+def _compose_pairs(images: torch.Tensor, digits: torch.Tensor, pool: np.ndarray, n: int, gen: torch.Generator):
+    """``n`` 16 x 16 canvases, each with two 8 x 8 digits drawn from ``pool``: one in the left
+    half, one in the right, each at its own random height (0-8 rows down). Returns the canvases
+    ``[n, 1, 16, 16]`` and the two digits' labels ``[n, 2]``."""
+    pool_t = torch.as_tensor(pool)
+    pick = pool_t[torch.randint(0, len(pool_t), (n, 2), generator=gen)]  # [n, 2] image indices
+    drop = torch.randint(0, 9, (n, 2), generator=gen)  # rows down, per half
+    padded = F.pad(images, (0, 0, 8, 8))  # [N, 24, 8]: 8 blank rows above and below
+    rows = torch.arange(16)
+    canvas = torch.empty(n, 16, 16)
+    for half in range(2):
+        src = 8 + rows.unsqueeze(0) - drop[:, half : half + 1]  # [n, 16] rows of the padded digit
+        canvas[:, :, 8 * half : 8 * half + 8] = padded[pick[:, half].unsqueeze(1), src]
+    return canvas.unsqueeze(1), digits[pick]
+
+
+def load_digit_pairs(
+    n_train: int = 60_000, n_val: int = 2_000, n_test: int = 4_000, *, seed: int = 0, table_seed: int = 0
+) -> Splits:
+    """A data-rich, capacity-bound task made from scikit-learn's digits (no download): each
+    16 x 16 image holds two 8 x 8 digits side by side (each at a random height) and its class is
+    ``pair_table(table_seed)[left, right]``, a fixed random label for each of the 100 ordered
+    pairs. A model must read both digits and hold a 100-entry lookup table: knowledge, which
+    parameters buy, rather than arithmetic, which FLOPs buy.
+
+    The digits themselves are split as ``load_digits`` splits them (70 / 15 / 15 %, stratified,
+    seed 0), so no 8 x 8 digit image of the validation or test pairs is seen in training.
+    ``seed`` draws the pairs and heights. Pixels are scaled to [0, 1] and standardised with the
+    training pairs' mean and standard deviation."""
+    from sklearn.datasets import load_digits as sk_digits
+
+    d = sk_digits()
+    images = torch.tensor(d.images, dtype=torch.float32) / 16.0  # [1797, 8, 8]
+    digits = torch.tensor(d.target, dtype=torch.int64)
+    tr, va, te = _split_indices(d.target, 0.15, 0.15, 0)
+    table = pair_table(table_seed)
+    gen = torch.Generator().manual_seed(seed)
+    parts = []
+    for pool, n in ((tr, n_train), (va, n_val), (te, n_test)):
+        x, pair = _compose_pairs(images, digits, pool, n, gen)
+        parts.append((x, table[pair[:, 0], pair[:, 1]]))
+    mean, std = parts[0][0].mean(), parts[0][0].std()
+    (xtr, ytr), (xva, yva), (xte, yte) = [((x - mean) / std, y) for x, y in parts]
+    return Splits(
+        train=TensorDataset(xtr, ytr),
+        val=TensorDataset(xva, yva),
+        test=TensorDataset(xte, yte),
+        num_classes=10,
+        in_chans=1,
+        image_size=16,
+        class_names=[str(c) for c in range(10)],
+        name="digit-pairs",
+    )
+
+
 def load_image_folder(
     root: str, image_size: int = 224, *, val_frac: float = 0.15, test_frac: float = 0.15, seed: int = 0
 ) -> Splits:
@@ -114,12 +175,17 @@ def load_image_folder(
 
 
 def load_dataset(name: str = "digits", image_size: int | None = None, *, seed: int = 0) -> Splits:
-    """``"digits"`` (default image size 16) or the path of an image folder (default 224)."""
+    """``"digits"`` (default image size 16), ``"digit-pairs"`` (16 only) or the path of an image
+    folder (default 224)."""
     if name == "digits":
         return load_digits(image_size or 16, seed=seed)
+    if name == "digit-pairs":
+        if image_size not in (None, 16):
+            raise ValueError(f"image_size for 'digit-pairs' must be 16 (or None), got {image_size}")
+        return load_digit_pairs(seed=seed)
     if os.path.isdir(name):
         return load_image_folder(name, image_size or 224, seed=seed)
-    raise ValueError(f"dataset must be 'digits' or an existing image folder, got {name!r}")
+    raise ValueError(f"dataset must be 'digits', 'digit-pairs' or an existing image folder, got {name!r}")
 
 
 def labels_of(ds: Dataset) -> torch.Tensor:

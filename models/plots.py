@@ -57,7 +57,9 @@ def plot_routing(matrices: dict[str, np.ndarray], class_names: list[str], path: 
         im = ax.imshow(share, aspect="auto", cmap="viridis", vmin=0, vmax=max(share.max(), 1e-9))
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("expert")
-        ax.set_xticks(range(m.shape[1]))
+        step = 1 if m.shape[1] <= 10 else (m.shape[1] + 7) // 8  # at most about 8 labels: legible
+        ax.set_xticks(range(0, m.shape[1], step))
+        ax.tick_params(axis="x", labelsize=7)
         ax.set_yticks(range(m.shape[0]))
         ax.set_yticklabels(class_names if len(class_names) <= 30 else [""] * m.shape[0], fontsize=7)
     axes[0][0].set_ylabel("class")

@@ -8,7 +8,7 @@ section 5) under the variant name its family's ``create_model`` (``create_soft_m
 ``"soft_moe_s16"``, ``"mobile_vmoe_tiny"``)::
 
     from models import registry
-    registry.list_models("vmoe")                 # ['Mu/4', 'Ti/4', ..., 'H/14']
+    registry.list_models("vmoe")                 # ['Nano/4', 'Mu/4', ..., 'H/14']
     model = registry.create_model("vmoe_s32", num_experts=8, num_classes=10)
 
 ``models.vmoe.create_model`` and ``models.mobile_vmoe.create_model`` are the families' own

@@ -95,7 +95,9 @@ def _parser() -> argparse.ArgumentParser:
         help=f"V-MoE/dense: {vmoe.list_models()}; Mobile V-MoE/dense: {mobile_vmoe.list_models()}"
         " (None: Mu/4, or 6x64 for mobile)",
     )
-    p.add_argument("--data", default="digits", help="'digits' (embedded) or an ImageFolder path")
+    p.add_argument(
+        "--data", default="digits", help="'digits' or 'digit-pairs' (both embedded, models.data) or an ImageFolder path"
+    )
     p.add_argument("--image-size", type=pos, default=None, help="None: 16 for digits, 224 for folders")
     p.add_argument("--patch-size", type=pos, default=None, help="Mobile V-MoE sizes (None: 4 below 64 px, else 16)")
     p.add_argument("--num-experts", type=pos, default=d["num_experts"], help="experts per MoE layer (E)")
@@ -106,6 +108,10 @@ def _parser() -> argparse.ArgumentParser:
         "--eval-capacity-factor", type=_float_above(0), default=None, help="V-MoE, evaluation (None: as training)"
     )
     p.add_argument("--group-images", type=pos, default=d["group_images"], help="V-MoE: images per routing group")
+    p.add_argument(
+        "--expert-mlp-dim", type=pos, default=d["expert_mlp_dim"], help="V-MoE: expert hidden width (None: MLP's)"
+    )
+    p.add_argument("--renormalize", action="store_true", help="V-MoE: each token's K weights sum to 1")
     p.add_argument("--num-moe-layers", type=nonneg, default=d["num_moe_layers"], help="Mobile V-MoE: last n blocks")
     p.add_argument("--router-input", choices=("cls", "mean"), default=d["router_input"], help="Mobile V-MoE")
     p.add_argument("--representation-size", type=pos, default=None, help="pre-logits Linear + tanh width")
@@ -147,6 +153,8 @@ ARCH_KEYS = (
     "k",
     "moe_layers",
     "group_images",
+    "expert_mlp_dim",
+    "renormalize",
     "num_moe_layers",
     "router_input",
     "representation_size",
@@ -186,15 +194,16 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[d
             p.error("--epochs 0 evaluates a --checkpoint; give one, or train for at least 1 epoch")
         arch = {}
     cfg["variant"] = cfg["variant"] or default_variant(cfg["model"])
-    if args.data != "digits" and not os.path.isdir(args.data):
-        p.error(f"--data must be 'digits' or an existing image folder, got {args.data!r}")
+    embedded = args.data in ("digits", "digit-pairs")
+    if not embedded and not os.path.isdir(args.data):
+        p.error(f"--data must be 'digits', 'digit-pairs' or an existing image folder, got {args.data!r}")
     if args.dense_run is not None and not os.path.isfile(os.path.join(args.dense_run, "metrics.json")):
         p.error(f"--dense-run: {args.dense_run!r} holds no metrics.json (a run folder of models.train)")
     if args.superclasses is not None and not os.path.isfile(args.superclasses):
         p.error(f"--superclasses: no such file: {args.superclasses!r}")
     # Build the model on the meta device (no memory, no data): variant, layer spec, K vs E, ...
-    probe = {"num_classes": 10, "in_chans": 1 if args.data == "digits" else 3}
-    probe["image_size"] = args.image_size or (16 if args.data == "digits" else 224)
+    probe = {"num_classes": 10, "in_chans": 1 if embedded else 3}
+    probe["image_size"] = args.image_size or (16 if embedded else 224)
     try:
         with torch.device("meta"):
             build_model({**cfg, **probe, **arch})

@@ -154,6 +154,8 @@ class VisionTransformer(nn.Module):
         moe_kwargs: further ``MoEMlp`` keywords (``k``, ``capacity_factor``, ``router``, ...).
         group_images: images per routing group of the token routers.
         share_expert_init: all experts of a layer start from the same weights.
+        expert_mlp_dim: hidden width of each expert (None: ``mlp_dim``); e.g. ``mlp_dim // K``
+            keeps a K-expert token's MLP FLOPs at the dense block's.
         classifier: ``"token"`` (a class token, read by the head) or ``"gap"`` (no class token;
             the head reads the mean of the final-normed tokens: vmoe's Soft MoE models).
     """
@@ -176,6 +178,7 @@ class VisionTransformer(nn.Module):
         group_images: int = 8,
         share_expert_init: bool = True,
         classifier: str = "token",
+        expert_mlp_dim: int | None = None,
     ) -> None:
         super().__init__()
         if classifier not in ("token", "gap"):
@@ -196,7 +199,8 @@ class VisionTransformer(nn.Module):
         blocks = []
         for i in range(depth):
             if i in self.moe_blocks:
-                mlp = moe_mlp(dim, mlp_dim, num_experts=num_experts, share_init=share_expert_init, **moe_kwargs)
+                hidden = expert_mlp_dim or mlp_dim
+                mlp = moe_mlp(dim, hidden, num_experts=num_experts, share_init=share_expert_init, **moe_kwargs)
             else:
                 mlp = Mlp(dim, mlp_dim)
             blocks.append(Block(dim, num_heads, mlp, group_images))

@@ -3,8 +3,8 @@
 ``create_model("B/16", num_experts=32, moe_layers="every-2")`` is V-MoE-B/16 (DESIGN.md
 section 6); ``moe_layers=None`` is the dense ViT. Variants are registered factory functions
 (``vmoe_b16(**kw)``, ...); ``list_models()`` names them. Besides the paper's S/32, B/32, B/16,
-L/16 and H/14 there are small ones for CPU runs: Ti (ViT-Tiny) and Mu (6 x 64) with 16 or 4
-pixel patches.
+L/16 and H/14 there are small ones for CPU runs: Ti (ViT-Tiny), Mu (6 x 64) and Nano (4 x 32)
+with 16 or 4 pixel patches.
 
 Soft MoE (Puigcerver et al. 2024, vmoe's ``projects/soft_moe``) is the second family here:
 ``create_soft_moe("S/16")`` builds the paper's layout — ViT widths (S is ViT-S, 12 x 384),
@@ -34,6 +34,7 @@ __all__ = [
 
 #: name: (D hidden, H MLP, heads, blocks). S is V-MoE's S (8 blocks of 512), not timm's.
 WIDTHS: dict[str, tuple[int, int, int, int]] = {
+    "Nano": (32, 64, 2, 4),
     "Mu": (64, 256, 2, 6),
     "Ti": (192, 768, 3, 12),
     "S": (512, 2048, 8, 8),
@@ -83,6 +84,7 @@ def _build(
     batch_priority: bool = False,
     noise_std: float = 1.0,
     share_expert_init: bool = True,
+    expert_mlp_dim: int | None = None,
     **moe_kwargs,
 ) -> VisionTransformer:
     dim, mlp_dim, heads, depth = WIDTHS[width]
@@ -110,9 +112,17 @@ def _build(
         ),
         group_images=group_images,
         share_expert_init=share_expert_init,
+        expert_mlp_dim=expert_mlp_dim,
     )
     model.variant = f"{width}/{patch_size}"
     return model
+
+
+@register_model("Nano/4")
+def vmoe_nano4(**kw) -> VisionTransformer:
+    """4 x 32 (MLP 64), patch 4: the size of the experts-pay demo (``models.demo``), small
+    enough that its dense twin is capacity-bound on the digit-pair task."""
+    return _build("Nano", 4, **kw)
 
 
 @register_model("Mu/4")
@@ -184,7 +194,8 @@ def create_model(
         capacity_factor: in training (``None``: dropless).
         group_images: images per routing group (group size = images x tokens per image).
         **kwargs: ``eval_capacity_factor``, ``in_chans``, ``batch_priority``, ``noise_std``,
-            ``router`` ("vmoe" or "expert_choice"), ``share_expert_init`` and further
+            ``router`` ("vmoe" or "expert_choice"), ``share_expert_init``, ``expert_mlp_dim``
+            (each expert's hidden width; default the MLP's) and further
             ``MoEMlp`` keywords (``renormalize``, ``backend``, loss weights).
     """
     if variant not in list_models():

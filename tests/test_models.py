@@ -280,6 +280,35 @@ def test_digits_split_is_fixed_and_disjoint():
     assert a.train.tensors[0].shape[1:] == (1, 16, 16)
 
 
+def test_digit_pairs_compose_two_digits_and_label_them_by_the_table():
+    from models.data import _compose_pairs, load_digit_pairs, pair_table
+
+    images = torch.zeros(3, 8, 8)
+    images[1] = 1.0  # a full square: where it lands shows the height
+    images[2, 0, 0] = 2.0  # one marked pixel
+    digits = torch.tensor([4, 7, 9])
+    gen = torch.Generator().manual_seed(0)
+    x, pair = _compose_pairs(images, digits, np.array([1, 2]), 64, gen)
+    assert x.shape == (64, 1, 16, 16) and pair.shape == (64, 2)
+    for i in range(64):
+        for half, cols in ((0, slice(0, 8)), (1, slice(8, 16))):
+            part = x[i, 0, :, cols]
+            if pair[i, half] == 7:  # the square: 8 full rows, starting 0-8 rows down
+                rows = part.sum(1).nonzero().flatten()
+                assert len(rows) == 8 and rows[-1] - rows[0] == 7 and rows[0] <= 8 and part.sum() == 64
+            else:  # the marked pixel, in the half's first column
+                assert pair[i, half] == 9 and part.sum() == 2 and part[:, 0].sum() == 2
+    a, b = load_digit_pairs(200, 50, 60, seed=3), load_digit_pairs(200, 50, 60, seed=3)
+    assert torch.equal(a.test.tensors[0], b.test.tensors[0]) and torch.equal(a.train.tensors[1], b.train.tensors[1])
+    assert (len(a.train), len(a.val), len(a.test), a.num_classes, a.image_size) == (200, 50, 60, 10, 16)
+    assert set(a.train.tensors[1].tolist()) <= set(pair_table(0).flatten().tolist())
+    assert not torch.equal(pair_table(0), pair_table(1))
+    with pytest.raises(ValueError, match="image_size for 'digit-pairs' must be 16"):
+        from models.data import load_dataset
+
+        load_dataset("digit-pairs", 32)
+
+
 # --- the training CLI (python -m models.train) -------------------------------------------------
 
 
@@ -304,7 +333,8 @@ def _cli(argv, capsys):
         (["--batch-size", "x"], "argument --batch-size: must be an integer >= 1, got 'x'"),
         (["--epochs", "0"], "--epochs 0 evaluates a --checkpoint"),
         (["--checkpoint", "nowhere.safetensors"], "--checkpoint: no such file"),
-        (["--data", "/no/such/folder"], "--data must be 'digits' or an existing image folder"),
+        (["--data", "/no/such/folder"], "--data must be 'digits', 'digit-pairs' or an existing image folder"),
+        (["--expert-mlp-dim", "0"], "argument --expert-mlp-dim: must be an integer >= 1, got 0"),
     ],
 )
 def test_cli_rejects_bad_arguments_before_any_work(argv, message, capsys, tmp_path):
@@ -313,6 +343,18 @@ def test_cli_rejects_bad_arguments_before_any_work(argv, message, capsys, tmp_pa
     assert code == 2
     assert "usage: python -m models.train" in out.err and message in out.err, out.err
     assert not (tmp_path / "run").exists()
+
+
+def test_run_config_sets_expert_width_and_renormalisation():
+    from models.build import DEFAULTS, build_model
+
+    cfg = {**DEFAULTS, "variant": "Nano/4", "num_classes": 10, "in_chans": 1, "image_size": 16}
+    with torch.device("meta"):
+        plain = build_model(cfg)
+        fine = build_model({**cfg, "expert_mlp_dim": 28, "renormalize": True, "num_experts": 16})
+    a, b = plain.moe_layers()[0], fine.moe_layers()[0]
+    assert (a.hidden_features, a.renormalize) == (64, False)
+    assert (b.hidden_features, b.renormalize, b.fc1_weight.shape) == (28, True, (16, 28, 32))
 
 
 def test_cli_help_shows_defaults(capsys):

@@ -19,7 +19,7 @@ def test_one_registry_serves_every_family():
         registry.timm_name("soft_moe", v) for v in vmoe.list_soft_moe_models()
     ] + [registry.timm_name("vmoe", v) for v in vmoe.list_models()]
     assert "vmoe_b16" in names and "mobile_vmoe_tiny" in names and len(set(names)) == len(names)
-    assert vmoe.list_models()[:4] == ["Mu/4", "Ti/4", "Ti/16", "S/32"]
+    assert vmoe.list_models()[:5] == ["Nano/4", "Mu/4", "Ti/4", "Ti/16", "S/32"]
     assert mobile_vmoe.list_models()[0] == "tiny"
 
 
