@@ -3,10 +3,12 @@ and TMA instructions, read from the cubins (``cuobjdump``), no GPU needed.
 
 ``python -m bench.kernels --arch sm_90|sm_80 [--json PATH]`` compiles every grouped-GEMM
 config the launcher can pick on that architecture (forward, dX, weight gradient, the weight
-gradient split over rows and its partial-sum kernel; fp16/bf16 on tensor cores, fp32 with IEEE
-products as the router runs) ahead of time and reports one record per kernel and config: ``kernel, config, arch, n_regs,
-n_spills, shared_bytes, wgmma, mma, tma`` (and the raw counts behind them). ``make gpu-check``
-runs the same analysis over the kernels a real run compiled (``scan_cache``).
+gradient split over rows and its partial-sum kernel, and the fused variants of ``FUSED``: GELU
+in fc1's epilogue, GELU' in fc2's dX epilogue, GELU on the weight gradient's operand load, bias
+gradients; fp16/bf16 on tensor cores, fp32 with IEEE products as the router runs) ahead of time
+and reports one record per kernel and config: ``kernel, config, arch, n_regs, n_spills,
+shared_bytes, wgmma, mma, tma`` (and the raw counts behind them). ``make gpu-check`` runs the
+same analysis over the kernels a real run compiled (``scan_cache``).
 
 Counts come from the SASS: ``HGMMA`` (wgmma), ``HMMA`` (mma.sync), ``UTMALDG``/``UTMASTG``
 (TMA), ``LDL``/``STL`` (local memory: spills), ``LDGSTS`` (cp.async). ``n_spills`` is the
@@ -99,34 +101,61 @@ def scan_cache(cache_dir: str, cuobjdump: str | None = None):
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 
 
+# The fused variants (docs/triton.md, "Fused epilogues"): kind -> the constexprs that make it.
+# gelu: erf GELU, gelu_tanh: its tanh form; fc1's forward keeps the pre-activation for the
+# backward (forward_gelu; forward_gelu_eval writes only the activation, without autograd); fc2's
+# dX multiplies by GELU' (dx_gelu); the weight gradients sum the bias gradient (programs of
+# their own in the same launch, which alone run when only the bias needs a gradient), fc2's
+# applying GELU to h as it loads it.
+FUSED = {
+    "forward_gelu": ("forward", dict(EPILOGUE=2, ACT=1)),
+    "forward_gelu_tanh": ("forward", dict(EPILOGUE=2, ACT=2)),
+    "forward_gelu_eval": ("forward", dict(EPILOGUE=1, ACT=1)),
+    "dx_gelu": ("dx", dict(EPILOGUE=3, ACT=1)),
+    "dx_gelu_tanh": ("dx", dict(EPILOGUE=3, ACT=2)),
+    "weight_grad_bias": ("weight_grad", dict(ACT=0, HAS_DB=True)),
+    "weight_grad_gelu": ("weight_grad", dict(ACT=1, HAS_DB=True)),
+    "weight_grad_gelu_tanh": ("weight_grad", dict(ACT=2, HAS_DB=True)),
+    "weight_grad_split_gelu": ("weight_grad_split", dict(ACT=1, HAS_DB=True)),
+}
+
+
 def gemm_signature(kind: str, dt: str) -> tuple:
     """``(kernel, signature, constexprs, 16-divisible args)`` of a grouped-GEMM launch as the
     launcher makes it: ``kind`` is ``forward``, ``dx`` (the transposed expert matrix, so the
     reduction stride is the strided one), ``weight_grad`` or ``weight_grad_split`` (the
-    weight gradient split over rows into an fp32 workspace); pointers and leading strides
-    16-divisible, inner strides 1 (Triton specialises on both)."""
+    weight gradient split over rows into an fp32 workspace), or a fused variant of ``FUSED``;
+    pointers and leading strides 16-divisible, inner strides 1 (Triton specialises on both)."""
     from moe_kernels.kernels import grouped_mm as gm
 
+    if kind in FUSED:
+        base, extra = FUSED[kind]
+        fn, sig, const, div = gemm_signature(base, dt)
+        const.update(extra)
+        return fn, sig, const, div
     i32 = "i32"
+    wgrad_plain = dict(ACT=0, HAS_DB=False)
     if kind == "weight_grad_split":  # fp32 partial sums into a workspace [SPLIT, E, N, KD]
-        sig = dict(X_ptr=f"*{dt}", G_ptr=f"*{dt}", WS_ptr="*fp32", Off_ptr="*i64", M=i32, N=i32, KD=i32,
-                   M_BUCKET=i32, SPLIT=i32, stride_xm=i32, stride_gm=i32, stride_ws=i32, stride_we=i32,
-                   stride_wn=i32)  # fmt: skip
-        div = ["X_ptr", "G_ptr", "WS_ptr", "Off_ptr", "N", "KD", "M_BUCKET", "stride_xm", "stride_gm", "stride_ws",
-               "stride_we", "stride_wn"]  # fmt: skip
-        return gm._grouped_mm_weight_grad_split_kernel, sig, dict(stride_xk=1, stride_gn=1), div
+        sig = dict(X_ptr=f"*{dt}", G_ptr=f"*{dt}", WS_ptr="*fp32", DBWS_ptr="*fp32", Off_ptr="*i64", M=i32, N=i32,
+                   KD=i32, M_BUCKET=i32, SPLIT=i32, stride_xm=i32, stride_gm=i32, stride_ws=i32, stride_we=i32,
+                   stride_wn=i32, stride_dbs=i32, stride_dbe=i32)  # fmt: skip
+        div = ["X_ptr", "G_ptr", "WS_ptr", "DBWS_ptr", "Off_ptr", "N", "KD", "M_BUCKET", "stride_xm", "stride_gm",
+               "stride_ws", "stride_we", "stride_wn", "stride_dbs", "stride_dbe"]  # fmt: skip
+        return gm._grouped_mm_weight_grad_split_kernel, sig, dict(stride_xk=1, stride_gn=1, **wgrad_plain), div
     if kind == "weight_grad":
-        sig = dict(X_ptr=f"*{dt}", G_ptr=f"*{dt}", DW_ptr=f"*{dt}", Off_ptr="*i64", M=i32, N=i32, KD=i32,
-                   M_BUCKET=i32, stride_xm=i32, stride_gm=i32, stride_we=i32, stride_wn=i32)  # fmt: skip
-        const = dict(stride_xk=1, stride_gn=1, stride_wk=1)
-        div = ["X_ptr", "G_ptr", "DW_ptr", "Off_ptr", "N", "KD", "M_BUCKET", "stride_xm", "stride_gm", "stride_we",
-               "stride_wn"]  # fmt: skip
+        sig = dict(X_ptr=f"*{dt}", G_ptr=f"*{dt}", DW_ptr=f"*{dt}", DB_ptr=f"*{dt}", Off_ptr="*i64", M=i32, N=i32,
+                   KD=i32, M_BUCKET=i32, stride_xm=i32, stride_gm=i32, stride_we=i32, stride_wn=i32,
+                   stride_be=i32)  # fmt: skip
+        const = dict(stride_xk=1, stride_gn=1, stride_wk=1, stride_bn=1, **wgrad_plain)
+        div = ["X_ptr", "G_ptr", "DW_ptr", "DB_ptr", "Off_ptr", "N", "KD", "M_BUCKET", "stride_xm", "stride_gm",
+               "stride_we", "stride_wn", "stride_be"]  # fmt: skip
         return gm._grouped_mm_weight_grad_kernel, sig, const, div
-    sig = dict(X_ptr=f"*{dt}", W_ptr=f"*{dt}", Y_ptr=f"*{dt}", Off_ptr="*i64", B_ptr=f"*{dt}", M=i32, N=i32,
-               KD=i32, E=i32, M_BUCKET=i32, stride_xm=i32, stride_we=i32, stride_ym=i32, stride_be=i32)  # fmt: skip
-    const = dict(stride_xk=1, stride_yn=1, stride_bn=1, HAS_BIAS=True)
-    div = ["X_ptr", "W_ptr", "Y_ptr", "Off_ptr", "B_ptr", "N", "KD", "M_BUCKET", "stride_xm", "stride_we", "stride_ym",
-           "stride_be"]  # fmt: skip
+    sig = dict(X_ptr=f"*{dt}", W_ptr=f"*{dt}", Y_ptr=f"*{dt}", Off_ptr="*i64", B_ptr=f"*{dt}", AUX_ptr=f"*{dt}",
+               M=i32, N=i32, KD=i32, E=i32, M_BUCKET=i32, stride_xm=i32, stride_we=i32, stride_ym=i32,
+               stride_be=i32, stride_am=i32)  # fmt: skip
+    const = dict(stride_xk=1, stride_yn=1, stride_bn=1, stride_an=1, HAS_BIAS=True, EPILOGUE=0, ACT=0)
+    div = ["X_ptr", "W_ptr", "Y_ptr", "Off_ptr", "B_ptr", "AUX_ptr", "N", "KD", "M_BUCKET", "stride_xm", "stride_we",
+           "stride_ym", "stride_be", "stride_am"]  # fmt: skip
     strided = "stride_wk" if kind == "dx" else "stride_wn"
     sig[strided] = i32
     const["stride_wn" if kind == "dx" else "stride_wk"] = 1
@@ -150,12 +179,14 @@ def compile_kernel(fn, cc: int, sig: dict, constexprs: dict, divisible: list[str
 
 
 def gemm_configs(kind: str, cc: int, elem_size: int = 2, ieee_fp32: bool = False) -> list:
-    """The grouped-GEMM configs the launcher can pick on ``sm_<cc>`` (shared-memory pruned);
-    ``ieee_fp32``: the candidates for fp32 with IEEE products (the router's dtype)."""
+    """The grouped-GEMM configs the launcher can pick on ``sm_<cc>`` for ``kind`` (a base kind or
+    one of ``FUSED``; shared-memory pruned); ``ieee_fp32``: the candidates for fp32 with IEEE
+    products (the router's dtype)."""
     from moe_kernels.kernels import grouped_mm as gm
 
-    wgrad = kind.startswith("weight_grad")
-    configs = gm.wgrad_configs(ieee_fp32) if wgrad else gm.fwd_configs(ieee_fp32)
+    base, extra = FUSED.get(kind, (kind, {}))
+    wgrad = base.startswith("weight_grad")
+    configs = gm.wgrad_configs(ieee_fp32, extra.get("ACT", 0) != 0) if wgrad else gm.fwd_configs(ieee_fp32)
     return gm.prune_configs(configs, elem_size, SHARED_LIMIT[cc], wgrad=wgrad)
 
 
@@ -164,12 +195,10 @@ def config_id(cfg) -> str:
     return f"{k['BLOCK_M']}x{k['BLOCK_N']}x{k['BLOCK_K']}-w{cfg.num_warps}-s{cfg.num_stages}"
 
 
-KINDS = ("forward", "dx", "weight_grad", "weight_grad_split")
+KINDS = ("forward", "dx", "weight_grad", "weight_grad_split", *FUSED)
 
 
-def aot_records(
-    cc: int, dtypes=("fp16", "bf16", "fp32"), kinds=KINDS, limit: int | None = None
-) -> list[dict]:
+def aot_records(cc: int, dtypes=("fp16", "bf16", "fp32"), kinds=KINDS, limit: int | None = None) -> list[dict]:
     """Compile every (kind, dtype, config) the launcher can pick for ``sm_<cc>``, plus the split
     weight gradient's partial-sum kernel, and analyse the cubins. fp32 uses the IEEE-product
     candidates (what the router runs); fp16/bf16 the tensor-core ones."""

@@ -12,8 +12,8 @@ wins over the variable) picks one. ``auto`` falls back quietly; a named backend 
 a call raises a ``RuntimeError`` listing why.
 
 Each backend module declares what it supports (``SUPPORTS[name]``, a ``Support``: devices,
-ops, dtypes, the fp64 rule, fused bias, preconditions); this module reads the declarations and
-decides, and no op or kernel module makes a backend decision of its own.
+ops, dtypes, the fp64 rule, fused bias and epilogues, preconditions); this module reads the
+declarations and decides, and no op or kernel module makes a backend decision of its own.
 """
 
 from __future__ import annotations
@@ -44,6 +44,14 @@ OPS = (
     "grouped_mm_weight_grad",
 )
 
+# Fused grouped GEMMs, beyond OPS, that a backend may declare (``Support.fused_epilogues``);
+# ops/grouped_mm.py composes the unfused ops where it does not (moe_kernels/ops/_triton.py):
+#   grouped_mm_act(x, w, offsets, bias, approximate, keep_pre) -> (gelu(p), p or [0, N])
+#   grouped_mm_act_grad(grad, w, offsets, pre, approximate) -> grouped_mm(grad, w) * gelu'(pre)
+#   grouped_mm_weight_grad_fused(x, grad, offsets, approximate | None, need_dw, need_db)
+#       -> (grad.T @ gelu(x) per expert, or @ x when None; grad's row sums per expert)
+FUSED_OPS = ("grouped_mm_act", "grouped_mm_act_grad", "grouped_mm_weight_grad_fused")
+
 # Where each backend's implementations live; each module declares ``SUPPORTS[name]``.
 _MODULES = {
     "torch": "moe_kernels.reference",
@@ -66,6 +74,9 @@ class Support:
         dtypes: float dtypes its kernels compute in.
         fp64: ``"native"``, or ``"reference"``: fp64 calls (gradcheck) run the reference.
         fused_bias: its ``grouped_mm`` adds the per-expert bias itself.
+        fused_epilogues: it implements ``FUSED_OPS`` too (GELU in the GEMM epilogue or on the
+            operand load, GELU's derivative in dX's epilogue, bias gradients as row sums in
+            the weight-gradient pass).
         requirements: ``requirements(device) -> reasons`` for preconditions beyond the device
             type (a library that did not load, an interpreter that is off).
     """
@@ -75,6 +86,7 @@ class Support:
     dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
     fp64: str = "native"
     fused_bias: bool = True
+    fused_epilogues: bool = False
     requirements: Callable[[torch.device], list[str]] = lambda device: []
 
 
@@ -102,9 +114,7 @@ def support(backend: str) -> Support | str:
     return mod if isinstance(mod, str) else mod.SUPPORTS[backend]
 
 
-def not_supported_reasons(
-    backend: str, op: str, device: torch.device, dtype: torch.dtype | None = None
-) -> list[str]:
+def not_supported_reasons(backend: str, op: str, device: torch.device, dtype: torch.dtype | None = None) -> list[str]:
     """Why ``backend`` cannot run ``op`` on tensors of ``device`` (and ``dtype``, the dtype of
     the op's float data, when given); empty when it can."""
     sup = support(backend)
@@ -178,6 +188,18 @@ def fuses_bias(backend: str) -> bool:
     """Whether ``backend``'s grouped GEMM adds the per-expert bias itself (its declaration)."""
     sup = support(backend)
     return not isinstance(sup, str) and sup.fused_bias
+
+
+def fused(op: str, backend: str, device: torch.device, dtype: torch.dtype) -> Callable | None:
+    """The implementation of ``op`` (one of ``FUSED_OPS``) by the backend that runs
+    ``grouped_mm`` for tensors of ``device`` and ``dtype``, or ``None`` when that backend
+    declares no fused epilogues (fp64 on a backend that hands it to the reference included):
+    the caller then composes the unfused ops, exactly as before they existed."""
+    name, _ = choose("grouped_mm", backend, device, dtype)
+    sup = support(name)
+    if isinstance(sup, str) or not sup.fused_epilogues:
+        return None
+    return getattr(_module(name), op)
 
 
 def available(device: torch.device | str = "cpu") -> dict[str, list[str]]:

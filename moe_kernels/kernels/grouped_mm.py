@@ -9,6 +9,12 @@ needs no knowledge of the group sizes (no sync), and the dropless layout and the
 transposed (a strided view: every operand is read through its strides). The weight gradient
 reduces over each expert's rows, split over rows when its grid is small (the router).
 
+Fused epilogues (the expert MLP's GELU, docs/triton.md): the forward can write
+``act(x @ w.T + b)`` and keep the pre-activation (fc1 with GELU), or multiply by ``act'(h)``
+(fc2's dX giving GELU's input gradient); the weight gradient can apply ``act`` to its x operand
+as it loads it (fc2's dW from h) and sum the gradient's rows per expert (the bias gradient).
+``ACT`` is ``ACT_NONE``, ``ACT_GELU`` (erf) or ``ACT_GELU_TANH``, computed in fp32 as torch does.
+
 DOT_FP32 upcasts the operands before ``tl.dot``; launchers set it only under the interpreter,
 whose bf16 ``tl.dot`` is wrong (its loads, stores and fp32 math are right), so bf16 inputs
 give right answers there too. On a GPU it is False and bf16/fp16 go to the tensor cores.
@@ -88,13 +94,32 @@ GROUPED_MM_WGRAD_IEEE_CONFIGS = autotune_configs(
 )
 
 
+# The weight gradient applying GELU to x as it loads it (fc2's, from h): the values GELU works on
+# are held in registers, which on sm_80 (mma.sync operands) and for IEEE products (FMA operands)
+# are the tile's per-warp fragments, several times the tile. The lists above then spill: 64x128x64
+# with 4 warps (bf16, tanh, sm_80: 4 words) and, for IEEE products, 64x64x64 with 8 warps (70-104
+# words on sm_80 and sm_90; 64x64x32, 64x32x64, 32x64x64 spill too). These do not
+# (tests/test_fused_gelu_compile.py); the IEEE ones use ~250 registers.
+GROUPED_MM_WGRAD_ACT_CONFIGS = autotune_configs(
+    [GROUPED_MM_WGRAD_CONFIGS[0], _cfg(64, 128, 64, 8, 3), *GROUPED_MM_WGRAD_CONFIGS[2:]],
+    interpret=GROUPED_MM_WGRAD_CONFIGS[0],
+)
+GROUPED_MM_WGRAD_ACT_IEEE_CONFIGS = autotune_configs(
+    GROUPED_MM_WGRAD_IEEE_CONFIGS[1:],
+    interpret=GROUPED_MM_WGRAD_CONFIGS[0],
+)
+
+
 def fwd_configs(ieee_fp32: bool) -> list:
     """The forward/dX candidates for fp32 with IEEE products, or for everything else."""
     return GROUPED_MM_IEEE_CONFIGS if ieee_fp32 else GROUPED_MM_CONFIGS
 
 
-def wgrad_configs(ieee_fp32: bool) -> list:
-    """The weight-gradient candidates for fp32 with IEEE products, or for everything else."""
+def wgrad_configs(ieee_fp32: bool, act: bool = False) -> list:
+    """The weight-gradient candidates for fp32 with IEEE products, or for everything else; with
+    ``act``, those for GELU applied to x on load."""
+    if act:
+        return GROUPED_MM_WGRAD_ACT_IEEE_CONFIGS if ieee_fp32 else GROUPED_MM_WGRAD_ACT_CONFIGS
     return GROUPED_MM_WGRAD_IEEE_CONFIGS if ieee_fp32 else GROUPED_MM_WGRAD_CONFIGS
 
 
@@ -124,8 +149,59 @@ def _prune_fwd(configs, named_args, **kwargs):
 
 def _prune_wgrad(configs, named_args, **kwargs):
     elem_size = named_args["X_ptr"].element_size()
-    family = wgrad_configs(elem_size == 4 and kwargs.get("INPUT_PRECISION") == "ieee")
+    family = wgrad_configs(elem_size == 4 and kwargs.get("INPUT_PRECISION") == "ieee", kwargs.get("ACT", 0) != 0)
     return prune_configs([c for c in configs if c in family], elem_size, _device_max_shared(), wgrad=True)
+
+
+# Activations the GEMMs can fuse (the ``ACT`` constexpr): none, GELU with erf (torch's
+# approximate="none") and GELU's tanh form (approximate="tanh"). Launchers pass ``.value``.
+ACT_NONE, ACT_GELU, ACT_GELU_TANH = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+GELU_ACT = {"none": ACT_GELU.value, "tanh": ACT_GELU_TANH.value}
+
+# The forward's epilogues (``EPILOGUE``): y = acc (+ bias); y = act(acc + bias), also writing the
+# pre-activation acc + bias to AUX when ``EPI_ACT_SAVE`` (the backward needs it); y = acc *
+# act'(AUX) (dX of act's input: AUX holds the pre-activation h).
+EPI_NONE, EPI_ACT, EPI_ACT_SAVE, EPI_ACT_GRAD = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2), tl.constexpr(3)
+
+# torch's constants (aten/src/ATen/native/cpu/GeluKernel.cpp): 1/sqrt(2), 1/sqrt(2*pi),
+# sqrt(2/pi) and the cubic term's coefficient. They multiply tensors from the right: under the
+# interpreter ``constexpr * tensor`` stays a constexpr, which tl functions then reject.
+_SQRT1_2 = tl.constexpr(0.7071067811865476)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
+_TANH_BETA = tl.constexpr(0.7978845608028654)
+_TANH_KAPPA = tl.constexpr(0.044715)
+
+
+@triton.jit
+def _tanh(u):
+    # (1 - e^{-2|u|}) / (1 + e^{-2|u|}) with u's sign: the exponential never overflows, and the
+    # same formula runs under the interpreter (no libdevice). Its absolute error (~1 ulp of 1)
+    # is all GELU sees, since tanh enters as 1 + tanh.
+    t = tl.exp(-2.0 * tl.maximum(u, -u))
+    r = (1.0 - t) / (1.0 + t)
+    return tl.where(u < 0, -r, r)
+
+
+@triton.jit
+def _act(x, ACT: tl.constexpr):
+    """``act(x)`` of fp32 ``x``, GELU as torch's formulas."""
+    if ACT == ACT_GELU:
+        return 0.5 * x * (1.0 + tl.math.erf(x * _SQRT1_2))
+    elif ACT == ACT_GELU_TANH:
+        return 0.5 * x * (1.0 + _tanh((x + x * x * x * _TANH_KAPPA) * _TANH_BETA))
+    else:
+        return x
+
+
+@triton.jit
+def _act_grad(x, ACT: tl.constexpr):
+    """``act'(x)`` of fp32 ``x`` (``ACT`` GELU or GELU tanh), as torch's gelu_backward."""
+    if ACT == ACT_GELU:
+        return 0.5 * (1.0 + tl.math.erf(x * _SQRT1_2)) + x * tl.exp(-0.5 * x * x) * _INV_SQRT_2PI
+    else:
+        x_sq = x * x
+        t = _tanh((x + x_sq * x * _TANH_KAPPA) * _TANH_BETA)
+        return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _TANH_BETA * (1.0 + x_sq * (3.0 * _TANH_KAPPA))
 
 
 # Lanes of the tile schedule's scan: the segment boundaries are read this many at a time (one
@@ -178,12 +254,32 @@ def _tile_of(Off_ptr, M, E, t, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
+def _act_epilogue(acc, rm64, rn, row_end, N, Y_ptr, AUX_ptr, stride_ym, stride_yn, stride_am, stride_an,
+                  EPILOGUE: tl.constexpr, ACT: tl.constexpr):  # fmt: skip
+    """Stores the fused epilogue of the fp32 tile ``acc`` (rows ``rm64`` up to ``row_end``,
+    columns ``rn`` of N): act(p) to y and p to aux (``EPI_ACT``, ``EPI_ACT_SAVE``; p = acc
+    rounded to y's dtype), or acc * act'(aux) to y (``EPI_ACT_GRAD``)."""
+    ok = (rm64 < row_end)[:, None] & (rn < N)[None, :]
+    y_ptrs = Y_ptr + rm64[:, None] * stride_ym + rn[None, :].to(tl.int64) * stride_yn
+    aux_ptrs = AUX_ptr + rm64[:, None] * stride_am + rn[None, :].to(tl.int64) * stride_an
+    if EPILOGUE == EPI_ACT_GRAD:
+        h = tl.load(aux_ptrs, mask=ok, other=0.0).to(tl.float32)
+        tl.store(y_ptrs, (acc * _act_grad(h, ACT)).to(Y_ptr.dtype.element_ty), mask=ok)
+    else:
+        pre = acc.to(Y_ptr.dtype.element_ty)
+        if EPILOGUE == EPI_ACT_SAVE:
+            tl.store(aux_ptrs, pre, mask=ok)
+        tl.store(y_ptrs, _act(pre.to(tl.float32), ACT).to(Y_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
 def _grouped_mm_kernel(
     X_ptr,
     W_ptr,
     Y_ptr,
     Off_ptr,
     B_ptr,
+    AUX_ptr,
     M,
     N,
     KD,
@@ -198,7 +294,11 @@ def _grouped_mm_kernel(
     stride_yn,
     stride_be,
     stride_bn,
+    stride_am,
+    stride_an,
     HAS_BIAS: tl.constexpr,
+    EPILOGUE: tl.constexpr,
+    ACT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -215,6 +315,12 @@ def _grouped_mm_kernel(
     exit at once. Every row is written by exactly one program, and a row's value depends only
     on its own expert's rows and tile position, not on the other experts' sizes or the
     padding. ``M_BUCKET`` (``_config.m_bucket(M)``) is read only by the autotuner's key.
+
+    ``EPILOGUE`` (aux [M, N], same tile): ``EPI_ACT`` stores ``act(p)`` with p the rounded
+    acc + bias, ``EPI_ACT_SAVE`` also stores p to aux (act is computed from the rounded p, as
+    an unfused ``act(h)`` would be, so the backward's recomputation from aux matches);
+    ``EPI_ACT_GRAD`` stores ``acc * act'(aux)`` rounded once. Padding rows are zeros in y and
+    in a stored aux.
     """
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M) + E
@@ -231,8 +337,6 @@ def _grouped_mm_kernel(
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     n_ok = rn < N
-    out_ok = (rm64 < row_end)[:, None] & n_ok[None, :]
-    y_ptrs = Y_ptr + rm64[:, None] * stride_ym + rn[None, :].to(tl.int64) * stride_yn
     if e < E:
         in_e = rm64 < row_end
         x_ptrs = X_ptr + rm64[:, None] * stride_xm + rk[None, :] * stride_xk
@@ -251,9 +355,29 @@ def _grouped_mm_kernel(
         if HAS_BIAS:
             b_ptrs = B_ptr + e.to(tl.int64) * stride_be + rn * stride_bn
             acc += tl.load(b_ptrs, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptrs, acc.to(Y_ptr.dtype.element_ty), mask=out_ok)
+        if EPILOGUE == EPI_NONE:
+            out_ok = (rm64 < row_end)[:, None] & n_ok[None, :]
+            y_ptrs = Y_ptr + rm64[:, None] * stride_ym + rn[None, :].to(tl.int64) * stride_yn
+            tl.store(y_ptrs, acc.to(Y_ptr.dtype.element_ty), mask=out_ok)
+        elif BLOCK_M * BLOCK_N >= 8192:
+            # Half a tile at a time: GELU's temporaries (and the aux tile) for all of a
+            # 128-wide tile spilled registers on sm_80 (tests/test_fused_gelu_compile.py).
+            half: tl.constexpr = BLOCK_N // 2
+            acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, half)), (0, 2, 1)))
+            rn0 = pid_n * BLOCK_N + tl.arange(0, half)
+            _act_epilogue(acc0, rm64, rn0, row_end, N, Y_ptr, AUX_ptr, stride_ym, stride_yn, stride_am, stride_an,
+                          EPILOGUE, ACT)  # fmt: skip
+            _act_epilogue(acc1, rm64, rn0 + half, row_end, N, Y_ptr, AUX_ptr, stride_ym, stride_yn, stride_am,
+                          stride_an, EPILOGUE, ACT)  # fmt: skip
+        else:
+            _act_epilogue(acc, rm64, rn, row_end, N, Y_ptr, AUX_ptr, stride_ym, stride_yn, stride_am, stride_an,
+                          EPILOGUE, ACT)  # fmt: skip
     elif e == E:
-        tl.store(y_ptrs, tl.zeros((BLOCK_M, BLOCK_N), dtype=Y_ptr.dtype.element_ty), mask=out_ok)
+        out_ok = (rm64 < row_end)[:, None] & n_ok[None, :]
+        zeros = tl.zeros((BLOCK_M, BLOCK_N), dtype=Y_ptr.dtype.element_ty)
+        tl.store(Y_ptr + rm64[:, None] * stride_ym + rn[None, :].to(tl.int64) * stride_yn, zeros, mask=out_ok)
+        if EPILOGUE == EPI_ACT_SAVE:
+            tl.store(AUX_ptr + rm64[:, None] * stride_am + rn[None, :].to(tl.int64) * stride_an, zeros, mask=out_ok)
 
 
 @triton.jit
@@ -270,14 +394,17 @@ def _wgrad_tile(
     stride_xk,
     stride_gm,
     stride_gn,
+    ACT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """g[rows].T @ x[rows] over rows [row_first, row_end), BLOCK_M rows a step in row order:
-    the [BLOCK_N, BLOCK_K] fp32 accumulator both weight-gradient kernels share."""
+    """g[rows].T @ act(x[rows]) over rows [row_first, row_end), BLOCK_M rows a step in row
+    order: the [BLOCK_N, BLOCK_K] fp32 accumulator both weight-gradient kernels share. act(x)
+    is computed in fp32 and rounded to x's dtype before the product, as a materialised act(x)
+    would be (act(0) = 0, so masked rows and columns stay out)."""
     rm = tl.arange(0, BLOCK_M)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for m0 in range(row_first, row_end, BLOCK_M):
@@ -293,11 +420,30 @@ def _wgrad_tile(
             mask=m_ok[:, None] & k_ok[None, :],
             other=0.0,
         )
+        if ACT != ACT_NONE:
+            x = _act(x.to(tl.float32), ACT).to(X_ptr.dtype.element_ty)
         if DOT_FP32:
             g = g.to(tl.float32)
             x = x.to(tl.float32)
         acc = tl.dot(g, x, acc, input_precision=INPUT_PRECISION)
     return acc
+
+
+@triton.jit
+def _row_sums(G_ptr, row_first, row_end, rn, n_ok, stride_gm, stride_gn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The [BLOCK_N] fp32 sums of g[rows, rn] over rows [row_first, row_end), BLOCK_M rows a
+    step in row order (a fixed tree within a step): the bias gradient's tile."""
+    rm = tl.arange(0, BLOCK_M)
+    db = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for m0 in range(row_first, row_end, BLOCK_M):
+        rows = (m0 + rm).to(tl.int64)
+        g = tl.load(
+            G_ptr + rows[:, None] * stride_gm + rn[None, :].to(tl.int64) * stride_gn,
+            mask=(rows < row_end)[:, None] & n_ok[None, :],
+            other=0.0,
+        )
+        db += tl.sum(g.to(tl.float32), axis=0)
+    return db
 
 
 @triton.jit
@@ -318,6 +464,7 @@ def _grouped_mm_weight_grad_kernel(
     X_ptr,
     G_ptr,
     DW_ptr,
+    DB_ptr,
     Off_ptr,
     M,
     N,
@@ -330,6 +477,10 @@ def _grouped_mm_weight_grad_kernel(
     stride_we,
     stride_wn,
     stride_wk,
+    stride_be,
+    stride_bn,
+    ACT: tl.constexpr,
+    HAS_DB: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -337,18 +488,52 @@ def _grouped_mm_weight_grad_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    """Grid ``(cdiv(N, BLOCK_N) * cdiv(KD, BLOCK_K), E)``: each program owns a [BLOCK_N, BLOCK_K]
-    tile of dw[e] = g[rows of e].T @ x[rows of e] (dw [E, N, KD], g [M, N], x [M, KD]) and
-    reduces over the expert's rows BLOCK_M at a time; experts without rows get zeros.
-    ``M_BUCKET`` is read only by the autotuner's key.
+    """Grid ``(B + T, E)`` with B = ``cdiv(N, BLOCK_N)`` bias tiles (0 without HAS_DB) and
+    T = ``cdiv(N, BLOCK_N) * cdiv(KD, BLOCK_K)`` dW tiles (0 for KD = 0: the bias alone).
+    Program (B + t, e) owns a [BLOCK_N, BLOCK_K] tile of dw[e] = g[rows of e].T @ act(x[rows
+    of e]) (dw [E, N, KD], g [M, N], x [M, KD]) and reduces over the expert's rows BLOCK_M at
+    a time; program (b < B, e) owns the [BLOCK_N] tile b of db[e] = the sum of g over the
+    expert's rows (the bias gradient, db [E, N]), in the same row order. Experts without rows
+    get zeros. ``M_BUCKET`` is read only by the autotuner's key.
     """
     pid = tl.program_id(0)
     e = tl.program_id(1)
+    if HAS_DB:
+        num_db = tl.cdiv(N, BLOCK_N)
+        if pid < num_db:
+            rn, _, n_ok, _, start, end = _wgrad_coords(Off_ptr, pid, e, M, N, 1, BLOCK_N, BLOCK_K)
+            db = _row_sums(G_ptr, start, end, rn, n_ok, stride_gm, stride_gn, BLOCK_M, BLOCK_N)
+            tl.store(DB_ptr + e.to(tl.int64) * stride_be + rn * stride_bn, db.to(DB_ptr.dtype.element_ty), mask=n_ok)
+        else:
+            _wgrad_program(X_ptr, G_ptr, DW_ptr, Off_ptr, pid - num_db, e, M, N, KD, stride_xm, stride_xk, stride_gm,
+                           stride_gn, stride_we, stride_wn, stride_wk, ACT, INPUT_PRECISION, DOT_FP32,
+                           BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+    else:
+        _wgrad_program(X_ptr, G_ptr, DW_ptr, Off_ptr, pid, e, M, N, KD, stride_xm, stride_xk, stride_gm, stride_gn,
+                       stride_we, stride_wn, stride_wk, ACT, INPUT_PRECISION, DOT_FP32,
+                       BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+
+
+@triton.jit
+def _wgrad_program(X_ptr, G_ptr, DW_ptr, Off_ptr, pid, e, M, N, KD, stride_xm, stride_xk, stride_gm, stride_gn,
+                   stride_we, stride_wn, stride_wk, ACT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                   DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr):  # fmt: skip
+    """dW tile ``pid`` of expert e of the unsplit kernel: reduce, round once, store."""
     rn, rk, n_ok, k_ok, start, end = _wgrad_coords(Off_ptr, pid, e, M, N, KD, BLOCK_N, BLOCK_K)
     acc = _wgrad_tile(X_ptr, G_ptr, start, end, rn, rk, n_ok, k_ok, stride_xm, stride_xk, stride_gm, stride_gn,
-                      INPUT_PRECISION, DOT_FP32, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+                      ACT, INPUT_PRECISION, DOT_FP32, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
     dw_ptrs = DW_ptr + e.to(tl.int64) * stride_we + rn[:, None].to(tl.int64) * stride_wn + rk[None, :] * stride_wk
     tl.store(dw_ptrs, acc.to(DW_ptr.dtype.element_ty), mask=n_ok[:, None] & k_ok[None, :])
+
+
+@triton.jit
+def _split_rows(start, end, s, SPLIT, BLOCK_M: tl.constexpr):
+    """Rows ``[first, stop)`` of split s: the s-th of SPLIT near-equal runs of the whole BLOCK_M
+    row blocks of ``[start, end)``."""
+    blocks = tl.cdiv(tl.maximum(end - start, 0), BLOCK_M)
+    first = start + (s * blocks // SPLIT) * BLOCK_M
+    return first, tl.minimum(start + ((s + 1) * blocks // SPLIT) * BLOCK_M, end)
 
 
 @triton.jit
@@ -356,6 +541,7 @@ def _grouped_mm_weight_grad_split_kernel(
     X_ptr,
     G_ptr,
     WS_ptr,
+    DBWS_ptr,
     Off_ptr,
     M,
     N,
@@ -369,6 +555,10 @@ def _grouped_mm_weight_grad_split_kernel(
     stride_ws,
     stride_we,
     stride_wn,
+    stride_dbs,
+    stride_dbe,
+    ACT: tl.constexpr,
+    HAS_DB: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -376,25 +566,48 @@ def _grouped_mm_weight_grad_split_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    """Grid ``(cdiv(N, BLOCK_N) * cdiv(KD, BLOCK_K), E, SPLIT)``: the weight gradient split over
-    rows (split-K over M) for grids too small to fill the GPU (the router: E=1, N=32). Program
-    (tile, e, s) owns the [BLOCK_N, BLOCK_K] tile of the fp32 workspace ws[s, e] (ws [SPLIT, E,
-    N, KD], inner stride 1): g.T @ x over the s-th of SPLIT near-equal runs of whole BLOCK_M
-    row blocks of expert e (block b of the expert's nb goes to the split s with
-    s*nb//SPLIT <= b < (s+1)*nb//SPLIT). Blocks start at the expert's first row, as in the
-    unsplit kernel; a split without rows writes zeros. ``_split_sum_kernel`` then adds the
-    SPLIT partial sums in split order: no atomics, so the bits depend on the shapes and the
-    config, never on timing. ``M_BUCKET`` and ``SPLIT`` are read by the autotuner's key too.
+    """Grid ``(B + T, E, SPLIT)`` (B bias tiles, T dW tiles, as the unsplit kernel): the weight
+    gradient split over rows (split-K over M) for grids too small to fill the GPU (the router:
+    E=1, N=32). Program (B + t, e, s) owns the [BLOCK_N, BLOCK_K] tile t of the fp32
+    workspace ws[s, e] (ws [SPLIT, E, N, KD], inner stride 1): g.T @ act(x) over the s-th of
+    SPLIT near-equal runs of whole BLOCK_M row blocks of expert e (block b of the expert's nb
+    goes to the split s with s*nb//SPLIT <= b < (s+1)*nb//SPLIT); program (b < B, e, s) the
+    [BLOCK_N] tile b of the run's row sums of g in dbws[s, e] ([SPLIT, E, N] fp32, inner
+    stride 1). Blocks start at the expert's first row, as in the unsplit kernel; a split
+    without rows writes zeros. ``_split_sum_kernel`` then adds the SPLIT partial sums in split
+    order: no atomics, so the bits depend on the shapes and the config, never on timing.
+    ``M_BUCKET`` and ``SPLIT`` are read by the autotuner's key too.
     """
     pid = tl.program_id(0)
     e = tl.program_id(1)
     s = tl.program_id(2)
+    if HAS_DB:
+        num_db = tl.cdiv(N, BLOCK_N)
+        if pid < num_db:
+            rn, _, n_ok, _, start, end = _wgrad_coords(Off_ptr, pid, e, M, N, 1, BLOCK_N, BLOCK_K)
+            first, stop = _split_rows(start, end, s, SPLIT, BLOCK_M)
+            db = _row_sums(G_ptr, first, stop, rn, n_ok, stride_gm, stride_gn, BLOCK_M, BLOCK_N)
+            tl.store(DBWS_ptr + s.to(tl.int64) * stride_dbs + e.to(tl.int64) * stride_dbe + rn, db, mask=n_ok)
+        else:
+            _wgrad_split_program(X_ptr, G_ptr, WS_ptr, Off_ptr, pid - num_db, e, s, M, N, KD, SPLIT, stride_xm,
+                                 stride_xk, stride_gm, stride_gn, stride_ws, stride_we, stride_wn, ACT,
+                                 INPUT_PRECISION, DOT_FP32, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+    else:
+        _wgrad_split_program(X_ptr, G_ptr, WS_ptr, Off_ptr, pid, e, s, M, N, KD, SPLIT, stride_xm, stride_xk,
+                             stride_gm, stride_gn, stride_ws, stride_we, stride_wn, ACT, INPUT_PRECISION, DOT_FP32,
+                             BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+
+
+@triton.jit
+def _wgrad_split_program(X_ptr, G_ptr, WS_ptr, Off_ptr, pid, e, s, M, N, KD, SPLIT, stride_xm, stride_xk, stride_gm,
+                         stride_gn, stride_ws, stride_we, stride_wn, ACT: tl.constexpr,
+                         INPUT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    """dW tile ``pid`` of expert e and split s: the run's fp32 partial sum into ws[s, e]."""
     rn, rk, n_ok, k_ok, start, end = _wgrad_coords(Off_ptr, pid, e, M, N, KD, BLOCK_N, BLOCK_K)
-    blocks = tl.cdiv(tl.maximum(end - start, 0), BLOCK_M)
-    first = start + (s * blocks // SPLIT) * BLOCK_M
-    stop = tl.minimum(start + ((s + 1) * blocks // SPLIT) * BLOCK_M, end)
+    first, stop = _split_rows(start, end, s, SPLIT, BLOCK_M)
     acc = _wgrad_tile(X_ptr, G_ptr, first, stop, rn, rk, n_ok, k_ok, stride_xm, stride_xk, stride_gm, stride_gn,
-                      INPUT_PRECISION, DOT_FP32, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+                      ACT, INPUT_PRECISION, DOT_FP32, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
     ws_ptrs = (WS_ptr + s.to(tl.int64) * stride_ws + e.to(tl.int64) * stride_we
                + rn[:, None].to(tl.int64) * stride_wn + rk[None, :])  # fmt: skip
     tl.store(ws_ptrs, acc, mask=n_ok[:, None] & k_ok[None, :])
@@ -424,22 +637,29 @@ def fitting_configs(configs: list, elem_size: int, wgrad: bool = False) -> list:
 grouped_mm_kernel = triton.autotune(
     # stride_wk is 1 for the forward and Din for dX (the transposed view): tuned separately.
     configs=GROUPED_MM_CONFIGS if interpreting() else GROUPED_MM_CONFIGS + GROUPED_MM_IEEE_CONFIGS,
-    key=["M_BUCKET", "N", "KD", "stride_wk", "INPUT_PRECISION"],
+    # The fused epilogues change what a tile costs after its K-loop: tuned separately too.
+    key=["M_BUCKET", "N", "KD", "stride_wk", "INPUT_PRECISION", "EPILOGUE", "ACT"],
     prune_configs_by={"early_config_prune": _prune_fwd},
 )(_grouped_mm_kernel)
 
-# Both candidate families (as for the forward), the pruning keeps the one for the launch's
-# dtype and precision (the interpreter has one config, which is both families).
-_WGRAD_ALL = GROUPED_MM_WGRAD_CONFIGS if interpreting() else GROUPED_MM_WGRAD_CONFIGS + GROUPED_MM_WGRAD_IEEE_CONFIGS
+# Every candidate family (as for the forward), the pruning keeps the one for the launch's
+# dtype, precision and activation (the interpreter has one config, which is every family).
+_WGRAD_FAMILIES = (
+    GROUPED_MM_WGRAD_CONFIGS,
+    GROUPED_MM_WGRAD_IEEE_CONFIGS,
+    GROUPED_MM_WGRAD_ACT_CONFIGS,
+    GROUPED_MM_WGRAD_ACT_IEEE_CONFIGS,
+)
+_WGRAD_ALL = list({id(c): c for family in _WGRAD_FAMILIES for c in family}.values())  # each config once
 
 grouped_mm_weight_grad_kernel = triton.autotune(
     configs=_WGRAD_ALL,
-    key=["M_BUCKET", "N", "KD", "INPUT_PRECISION"],
+    key=["M_BUCKET", "N", "KD", "INPUT_PRECISION", "ACT", "HAS_DB"],
     prune_configs_by={"early_config_prune": _prune_wgrad},
 )(_grouped_mm_weight_grad_kernel)
 
 grouped_mm_weight_grad_split_kernel = triton.autotune(
     configs=_WGRAD_ALL,
-    key=["M_BUCKET", "N", "KD", "INPUT_PRECISION", "SPLIT"],
+    key=["M_BUCKET", "N", "KD", "INPUT_PRECISION", "SPLIT", "ACT", "HAS_DB"],
     prune_configs_by={"early_config_prune": _prune_wgrad},
 )(_grouped_mm_weight_grad_split_kernel)

@@ -35,12 +35,15 @@ def _requirements(device: torch.device) -> list[str]:
 
 
 # Every op has a kernel. The kernels accumulate in fp32 and fp64 tl.dot is not portable across
-# GPUs, so fp64 (gradcheck) runs the reference (the declared rule, applied by backends).
+# GPUs, so fp64 (gradcheck) runs the reference (the declared rule, applied by backends). The
+# grouped GEMMs also come fused with GELU, GELU's derivative and the bias gradient
+# (backends.FUSED_OPS: grouped_mm_act, grouped_mm_act_grad, grouped_mm_weight_grad_fused).
 SUPPORTS = {
     "triton": Support(
         devices=("cuda", "cpu"),
         dtypes=(torch.float32, torch.float16, torch.bfloat16),
         fp64="reference",
+        fused_epilogues=True,
         requirements=_requirements,
     )
 }
@@ -234,6 +237,32 @@ def combine_weights_grad(a: Tensor, b: Tensor, rows: Tensor) -> Tensor:
 
 
 def grouped_mm(x: Tensor, w: Tensor, offsets: Tensor, bias: Tensor | None = None) -> Tensor:
+    return _forward(x, w, offsets, bias)
+
+
+def grouped_mm_act(
+    x: Tensor, w: Tensor, offsets: Tensor, bias: Tensor | None, approximate: str, keep_pre: bool
+) -> tuple[Tensor, Tensor]:
+    """``(gelu(p), p)`` with ``p = grouped_mm(x, w, offsets, bias)`` from one GEMM: GELU in its
+    epilogue (``approximate`` "none" or "tanh"). ``p`` ([M, N], what the backward needs) is
+    written only with ``keep_pre``, else an empty [0, N] is returned."""
+    M, N = x.shape[0], w.shape[1]
+    pre = torch.empty(M if keep_pre else 0, N, dtype=x.dtype, device=x.device)  # [M, N]
+    epilogue = _gm.EPI_ACT_SAVE if keep_pre else _gm.EPI_ACT
+    return _forward(x, w, offsets, bias, epilogue=epilogue.value, act=_gm.GELU_ACT[approximate], aux=pre), pre
+
+
+def grouped_mm_act_grad(grad: Tensor, w: Tensor, offsets: Tensor, pre: Tensor, approximate: str) -> Tensor:
+    """``grouped_mm(grad, w, offsets) * gelu'(pre)`` from one GEMM (the derivative in its
+    epilogue, which loads the ``pre`` [M, N] tile): GELU's input gradient from fc2's dX, with
+    ``w`` fc2's weight transposed ([E, H, Dout], a strided view)."""
+    return _forward(grad, w, offsets, None, epilogue=_gm.EPI_ACT_GRAD.value, act=_gm.GELU_ACT[approximate], aux=pre)
+
+
+def _forward(x: Tensor, w: Tensor, offsets: Tensor, bias: Tensor | None, *, epilogue: int = 0, act: int = 0,
+             aux: Tensor | None = None) -> Tensor:  # fmt: skip
+    """The forward/dX kernel with ``epilogue`` (kernels/grouped_mm.py: EPI_*) reading or
+    writing ``aux`` [M, N] (the pre-activation)."""
     M, KD = x.shape
     E, N, _ = w.shape
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)  # [M, N]
@@ -248,14 +277,15 @@ def grouped_mm(x: Tensor, w: Tensor, offsets: Tensor, bias: Tensor | None = None
     dot = _dot_options(x.dtype)
     candidates = _gm.fwd_configs(x.element_size() == 4 and dot["INPUT_PRECISION"] == "ieee")
     b = bias if bias is not None else out  # placeholder pointer, unread without HAS_BIAS
+    a = aux if aux is not None and aux.numel() else out  # placeholder pointer, untouched by EPI_NONE/EPI_ACT
     args = (
-        x, w, out, offsets, b, M, N, KD, E, _config.m_bucket(M),
+        x, w, out, offsets, b, a, M, N, KD, E, _config.m_bucket(M),
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2), out.stride(0), out.stride(1),
-        b.stride(0), b.stride(1),
+        b.stride(0), b.stride(1), a.stride(0), a.stride(1),
     )  # fmt: skip
     with _on_device(x):
         _launch_gemm("grouped_mm", grid, args, x.element_size(), wgrad=False, candidates=candidates,
-                     HAS_BIAS=bias is not None, **dot)  # fmt: skip
+                     HAS_BIAS=bias is not None, EPILOGUE=epilogue, ACT=act, **dot)  # fmt: skip
     return out
 
 
@@ -294,44 +324,86 @@ def wgrad_split(M: int, N: int, KD: int, E: int, configs: list, num_sms: int) ->
 def grouped_mm_weight_grad(x: Tensor, grad_out: Tensor, offsets: Tensor, *, split: int | None = None) -> Tensor:
     """``dw[e] = grad_out[rows of e].T @ x[rows of e]``; ``split`` forces the number of row
     splits (tests), else ``wgrad_split`` chooses it."""
+    return _weight_grad(x, grad_out, offsets, _gm.ACT_NONE.value, True, False, split)[0]
+
+
+def grouped_mm_weight_grad_fused(
+    x: Tensor,
+    grad_out: Tensor,
+    offsets: Tensor,
+    approximate: str | None,
+    need_dw: bool,
+    need_db: bool,
+    *,
+    split: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``(dw, db)``: ``dw[e] = grad_out[rows of e].T @ act(x[rows of e])`` ([E, N, KD]; act is
+    GELU with ``approximate`` applied to x as the kernel loads it, or nothing when None) and
+    ``db[e] = grad_out[rows of e].sum(0)`` ([E, N], the bias gradient: a fixed-order column sum
+    by programs of the same launch, one per N tile and expert, instead of a GEMM against a
+    column of ones). Either is an empty [0] when not needed (its programs are not launched)."""
+    act = _gm.ACT_NONE.value if approximate is None else _gm.GELU_ACT[approximate]
+    return _weight_grad(x, grad_out, offsets, act, need_dw, need_db, split)
+
+
+def _weight_grad(
+    x: Tensor, grad_out: Tensor, offsets: Tensor, act: int, need_dw: bool, need_db: bool, split: int | None
+) -> tuple[Tensor, Tensor]:
     M, KD = x.shape
     N = grad_out.shape[1]
     E = offsets.shape[0] - 1
-    dw = torch.empty(E, N, KD, dtype=x.dtype, device=x.device)  # [E, N, KD]
-    if E == 0 or N == 0 or KD == 0:
-        return dw
+    dw = torch.empty(E, N, KD, dtype=x.dtype, device=x.device) if need_dw else x.new_empty(0)  # [E, N, KD]
+    db = torch.empty(E, N, dtype=x.dtype, device=x.device) if need_db else x.new_empty(0)  # [E, N]
+    if E == 0 or N == 0 or not (need_dw and KD or need_db):
+        return dw, db
+    if not need_dw:
+        KD, act = 0, _gm.ACT_NONE.value  # no dW tiles: the bias programs alone (x is not read)
     offsets = offsets.to(torch.int64).contiguous()
     name = "grouped_mm_weight_grad"
     dot = _dot_options(x.dtype)
-    candidates = _gm.wgrad_configs(x.element_size() == 4 and dot["INPUT_PRECISION"] == "ieee")
+    candidates = _gm.wgrad_configs(x.element_size() == 4 and dot["INPUT_PRECISION"] == "ieee", act != 0)
     if split is None:
         fitting = _gm.fitting_configs
         pinned = _config.pinned_config(name, candidates, lambda cs: fitting(cs, x.element_size(), wgrad=True))
         configs = [pinned] if pinned is not None else fitting(candidates, x.element_size(), wgrad=True)
-        split = wgrad_split(M, N, KD, E, configs, _num_sms(x.device))
+        split = wgrad_split(M, N, max(KD, 1), E, configs, _num_sms(x.device))
 
     def grid(meta):
-        return (triton.cdiv(N, meta["BLOCK_N"]) * triton.cdiv(KD, meta["BLOCK_K"]), E, *((split,) if split > 1 else ()))
+        # The bias tiles, then the dW tiles (kernels/grouped_mm.py: _grouped_mm_weight_grad_kernel).
+        n_tiles = triton.cdiv(N, meta["BLOCK_N"])
+        tiles = (n_tiles if need_db else 0) + n_tiles * triton.cdiv(KD, meta["BLOCK_K"])
+        return (tiles, E, *((split,) if split > 1 else ()))
 
+    flags = dict(ACT=act, HAS_DB=need_db, **dot)
     if split == 1:
+        # An unneeded output gets the other's pointer and zero strides: the kernel never writes it.
+        w_out, b_out = (dw if need_dw else db), (db if need_db else dw)
         args = (
-            x, grad_out, dw, offsets, M, N, KD, _config.m_bucket(M),
+            x, grad_out, w_out, b_out, offsets, M, N, KD, _config.m_bucket(M),
             x.stride(0), x.stride(1), grad_out.stride(0), grad_out.stride(1),
-            dw.stride(0), dw.stride(1), dw.stride(2),
+            *(dw.stride() if need_dw else (0, 0, 1)), *(db.stride() if need_db else (0, 1)),
         )  # fmt: skip
         with _on_device(x):
-            _launch_gemm(name, grid, args, x.element_size(), wgrad=True, candidates=candidates, **dot)
-        return dw
-    ws = torch.empty(split, E, N, KD, dtype=torch.float32, device=x.device)  # [SPLIT, E, N, KD]
+            _launch_gemm(name, grid, args, x.element_size(), wgrad=True, candidates=candidates, **flags)
+        return dw, db
+    f32 = dict(dtype=torch.float32, device=x.device)
+    ws = torch.empty(split, E, N, KD, **f32) if need_dw else None  # [SPLIT, E, N, KD]
+    dbws = torch.empty(split, E, N, **f32) if need_db else None  # [SPLIT, E, N]
+    w_ws, b_ws = (ws if need_dw else dbws), (dbws if need_db else ws)
     args = (
-        x, grad_out, ws, offsets, M, N, KD, _config.m_bucket(M), split,
-        x.stride(0), x.stride(1), grad_out.stride(0), grad_out.stride(1), ws.stride(0), ws.stride(1), ws.stride(2),
+        x, grad_out, w_ws, b_ws, offsets, M, N, KD, _config.m_bucket(M), split,
+        x.stride(0), x.stride(1), grad_out.stride(0), grad_out.stride(1),
+        *(ws.stride()[:3] if need_dw else (0, 0, 0)), *(dbws.stride()[:2] if need_db else (0, 0)),
     )  # fmt: skip
     with _on_device(x):
-        _launch_gemm(name + "_split", grid, args, x.element_size(), wgrad=True, pin=name, candidates=candidates, **dot)
+        _launch_gemm(name + "_split", grid, args, x.element_size(), wgrad=True, pin=name, candidates=candidates,
+                     **flags)  # fmt: skip
         block = 1024
-        SPLIT_SUM_KERNEL[(triton.cdiv(dw.numel(), block),)](ws, dw, dw.numel(), split, BLOCK=block, num_warps=4)
-    return dw
+        for part, out in ((ws, dw), (dbws, db)):
+            if part is not None:
+                SPLIT_SUM_KERNEL[(triton.cdiv(out.numel(), block),)](part, out, out.numel(), split, BLOCK=block,
+                                                                       num_warps=4)  # fmt: skip
+    return dw, db
 
 
 # The grouped GEMMs' kernels: (autotuned, plain @triton.jit, candidates), by the names
