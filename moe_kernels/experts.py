@@ -1,6 +1,6 @@
 """The expert MLPs that ``MoEMlp`` and ``SoftMoEMlp`` share: E copies of timm's ``Mlp``
 (``fc1 -> act -> drop -> norm -> fc2 -> drop``) held as stacked parameters and run on rows
-grouped by expert with the grouped GEMM.
+grouped by expert with the grouped GEMM (``ops.gelu_mlp`` when the activation is a plain GELU).
 
 Parameters: ``fc1_weight [E, H, D]``, ``fc1_bias [E, H]``, ``fc2_weight [E, Dout, H]``,
 ``fc2_bias [E, Dout]`` (biases absent with ``bias=False``); ``norm`` acts on H and is shared by
@@ -16,7 +16,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-from moe_kernels.ops import gelu_grouped_mm, grouped_mm
+from moe_kernels.ops import grouped_mm
+from moe_kernels.ops.grouped_mm import gelu_mlp
 from moe_kernels.validation import check_positive_int
 
 __all__ = ["ExpertMLPs", "expert_sizes", "pair"]
@@ -117,10 +118,12 @@ class ExpertMLPs(nn.Module):
         b1 = None if self.fc1_bias is None else self.fc1_bias.to(dt)
         b2 = None if self.fc2_bias is None else self.fc2_bias.to(dt)
         # Biases ride in the grouped GEMM (fused into each expert's GEMM where the backend can).
-        h = grouped_mm(rows, w1, offsets, bias=b1, backend=be)  # [R, H]
         if self._plain_gelu():
-            # GELU recomputed in the backward: one [R, H] activation less kept for it.
-            return self.drop2(gelu_grouped_mm(h, w2, offsets, bias=b2, approximate=self.act.approximate, backend=be))
+            # Only GELU's input is kept for the backward (one [R, H] activation less); on Triton
+            # GELU, its derivative and the bias gradients run inside the GEMMs (ops.gelu_mlp).
+            y = gelu_mlp(rows, w1, w2, offsets, bias1=b1, bias2=b2, approximate=self.act.approximate, backend=be)
+            return self.drop2(y)  # [R, Dout]
+        h = grouped_mm(rows, w1, offsets, bias=b1, backend=be)  # [R, H]
         h = self.norm(self.drop1(self.act(h))).to(dt)  # [R, H]
         return self.drop2(grouped_mm(h, w2, offsets, bias=b2, backend=be))  # [R, Dout]
 

@@ -1,6 +1,12 @@
-"""``grouped_mm``: one matmul per expert over consecutive row ranges given by ``offsets``.
+"""``grouped_mm``: one matmul per expert over consecutive row ranges given by ``offsets``;
+``gelu_grouped_mm`` (GELU, then the matmul) and ``gelu_mlp`` (the expert MLP with a plain
+GELU between its two matmuls).
 
-Shape letters: M rows, E experts, Din input width, N output width.
+Backends that declare fused epilogues (``Support.fused_epilogues``: Triton) run GELU, GELU's
+derivative and the bias gradients inside the GEMMs (``backends.FUSED_OPS``); for every other
+backend these functions call exactly the unfused ops they called before (docs/triton.md).
+
+Shape letters: M rows, E experts, Din input width, N output width, H hidden width.
 """
 
 from __future__ import annotations
@@ -20,14 +26,23 @@ def _add_bias(out: Tensor, bias: Tensor, offsets: Tensor) -> Tensor:
     return out + F.pad(bias, (0, 0, 0, 1))[expert].to(out.dtype)  # [M, N]
 
 
-@torch.library.custom_op("moe_kernels::grouped_mm", mutates_args=())
-def _grouped_mm(x: Tensor, w: Tensor, offsets: Tensor, bias: Tensor | None, backend: str) -> Tensor:
+def _run_grouped_mm(x: Tensor, w: Tensor, offsets: Tensor, bias: Tensor | None, backend: str) -> Tensor:
     name, impl = backends.choose("grouped_mm", backend, x.device, x.dtype)
     if bias is None:
         return impl(x, w, offsets)
     if backends.fuses_bias(name):
         return impl(x, w, offsets, bias)
     return _add_bias(impl(x, w, offsets), bias, offsets)
+
+
+def _fused(op: str, backend: str, t: Tensor):
+    """The fused implementation of ``op`` for tensors like ``t`` (None: compose unfused ops)."""
+    return backends.fused(op, backend, t.device, t.dtype)
+
+
+@torch.library.custom_op("moe_kernels::grouped_mm", mutates_args=())
+def _grouped_mm(x: Tensor, w: Tensor, offsets: Tensor, bias: Tensor | None, backend: str) -> Tensor:
+    return _run_grouped_mm(x, w, offsets, bias, backend)
 
 
 @_grouped_mm.register_fake
@@ -60,6 +75,10 @@ def _backward(ctx, grad):
         # dX = dY @ W_e, i.e. the same grouped matmul with each expert's matrix transposed
         # (a strided view: the kernels take strides, so nothing is copied).
         gx = _grouped_mm(grad, w.transpose(1, 2), offsets, None, ctx.backend)
+    if ctx.needs_input_grad[3] and _fused("grouped_mm_weight_grad_fused", ctx.backend, grad) is not None:
+        # The bias gradient summed by the weight-gradient pass over the same grad tiles.
+        gw, gb = _weight_grad_fused(x, grad, offsets, None, ctx.needs_input_grad[1], True, ctx.backend)
+        return gx, gw if ctx.needs_input_grad[1] else None, None, gb, None
     if ctx.needs_input_grad[1]:
         gw = _grouped_mm_weight_grad(x, grad, offsets, ctx.backend)
     if ctx.needs_input_grad[3]:
@@ -75,6 +94,49 @@ def _bias_grad(grad: Tensor, offsets: Tensor, backend: str) -> Tensor:
 
 
 _grouped_mm.register_autograd(_backward, setup_context=_setup)
+
+
+# ---------------------------------------------------------------- fused backward pieces
+# Backward-only ops (no autograd of their own), so that torch.compile traces the backward
+# formulas through their fake implementations. On a backend without fused epilogues they
+# compose the unfused kernels (reached only when called directly, e.g. by tests).
+@torch.library.custom_op("moe_kernels::grouped_mm_act_grad", mutates_args=())
+def _grouped_mm_act_grad(
+    grad: Tensor, w: Tensor, offsets: Tensor, pre: Tensor, approximate: str, backend: str
+) -> Tensor:
+    fused = _fused("grouped_mm_act_grad", backend, grad)
+    if fused is not None:
+        return fused(grad, w, offsets, pre, approximate)
+    ga = _run_grouped_mm(grad, w, offsets, None, backend)  # [M, H]
+    return torch.ops.aten.gelu_backward(ga, pre, approximate=approximate)
+
+
+@_grouped_mm_act_grad.register_fake
+def _(grad, w, offsets, pre, approximate, backend):
+    return grad.new_empty(grad.shape[0], w.shape[1])
+
+
+@torch.library.custom_op("moe_kernels::grouped_mm_weight_grad_fused", mutates_args=())
+def _weight_grad_fused(
+    x: Tensor, grad_out: Tensor, offsets: Tensor, approximate: str | None, need_dw: bool, need_db: bool, backend: str
+) -> tuple[Tensor, Tensor]:
+    """``(dw [E, N, Din], db [E, N])``: ``grad_out.T @ gelu(x)`` (``x`` when ``approximate`` is
+    None) and ``grad_out``'s row sums, per expert; an unneeded one is an empty [0]."""
+    fused = _fused("grouped_mm_weight_grad_fused", backend, x)
+    if fused is not None:
+        return fused(x, grad_out, offsets, approximate, need_dw, need_db)
+    _, impl = backends.choose("grouped_mm_weight_grad", backend, x.device, x.dtype)
+    a = x if approximate is None else F.gelu(x, approximate=approximate)
+    dw = impl(a, grad_out, offsets) if need_dw else x.new_empty(0)
+    db = impl(grad_out.new_ones(grad_out.shape[0], 1), grad_out, offsets).squeeze(2) if need_db else x.new_empty(0)
+    return dw, db
+
+
+@_weight_grad_fused.register_fake
+def _(x, grad_out, offsets, approximate, need_dw, need_db, backend):
+    E, N = offsets.shape[0] - 1, grad_out.shape[1]
+    dw = x.new_empty(E, N, x.shape[1]) if need_dw else x.new_empty(0)
+    return dw, (x.new_empty(E, N) if need_db else x.new_empty(0))
 
 
 # ---------------------------------------------------------------- gelu, then grouped_mm
@@ -104,6 +166,15 @@ def _gelu_backward(ctx, grad):
     h, w, offsets = ctx.saved_tensors
     grad = grad.contiguous()
     gh = gw = gb = None
+    if _fused("grouped_mm_act_grad", ctx.backend, grad) is not None and not torch.is_grad_enabled():
+        # gelu(h) applied as fc2's weight gradient loads h (never materialised), the bias
+        # gradient summed in the same pass, GELU' in the epilogue of dX.
+        need_w, need_b = ctx.needs_input_grad[1], ctx.needs_input_grad[3]
+        if need_w or need_b:
+            gw, gb = _weight_grad_fused(h, grad, offsets, ctx.approximate, need_w, need_b, ctx.backend)
+        if ctx.needs_input_grad[0]:
+            gh = _grouped_mm_act_grad(grad, w.transpose(1, 2), offsets, h, ctx.approximate, ctx.backend)
+        return gh, gw if need_w else None, None, gb if need_b else None, None, None
     if ctx.needs_input_grad[1]:
         gw = _grouped_mm_weight_grad(F.gelu(h, approximate=ctx.approximate), grad, offsets, ctx.backend)
     if ctx.needs_input_grad[3]:
@@ -140,9 +211,140 @@ def gelu_grouped_mm(
     return _gelu_grouped_mm(h, w, offsets, b, approximate, backends.requested_backend(backend))
 
 
-def grouped_mm(
-    x: Tensor, w: Tensor, offsets: Tensor, *, bias: Tensor | None = None, backend: str = "auto"
+# ---------------------------------------------------------------- the expert MLP, fused
+# On a backend with fused epilogues: fc1 with GELU in its epilogue (writing gelu(h) for fc2 and,
+# only when autograd needs it, h), fc2 on gelu(h); the backward from h alone (gelu(h) applied as
+# fc2's weight gradient loads h, GELU' in the epilogue of fc2's dX, bias gradients summed in the
+# weight-gradient passes). Saved for the backward: x, h and the weights, as the unfused pair
+# (grouped_mm, then gelu_grouped_mm) saves. docs/triton.md says why GELU goes into fc1's
+# epilogue rather than onto fc2's operand loads.
+@torch.library.custom_op("moe_kernels::gelu_mlp", mutates_args=())
+def _gelu_mlp(
+    x: Tensor,
+    w1: Tensor,
+    b1: Tensor | None,
+    w2: Tensor,
+    b2: Tensor | None,
+    offsets: Tensor,
+    approximate: str,
+    keep_h: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    """``(y [M, Dout], h [M, H])``, h fc1's output (GELU's input) for the backward, an empty
+    [0, H] without ``keep_h``."""
+    act = _fused("grouped_mm_act", backend, x)
+    if act is not None:
+        a, h = act(x, w1, offsets, b1, approximate, keep_h)  # [M, H] each
+    else:  # reached only when called directly: the unfused kernels
+        h = _run_grouped_mm(x, w1, offsets, b1, backend)  # [M, H]
+        a = F.gelu(h, approximate=approximate)  # [M, H]
+        h = h if keep_h else h.new_empty(0, h.shape[1])
+    return _run_grouped_mm(a, w2, offsets, b2, backend), h
+
+
+@_gelu_mlp.register_fake
+def _(x, w1, b1, w2, b2, offsets, approximate, keep_h, backend):
+    return x.new_empty(x.shape[0], w2.shape[1]), x.new_empty(x.shape[0] if keep_h else 0, w1.shape[1])
+
+
+def _mlp_setup(ctx, inputs, output):
+    x, w1, b1, w2, b2, offsets, approximate, keep_h, backend = inputs
+    ctx.save_for_backward(x, w1, w2, offsets, output[1])
+    ctx.mark_non_differentiable(output[1])  # returned for the backward only
+    ctx.approximate, ctx.backend = approximate, backend
+
+
+def _mlp_backward(ctx, grad, _):
+    x, w1, w2, offsets, h = ctx.saved_tensors
+    grad = grad.contiguous()
+    need = ctx.needs_input_grad  # x, w1, b1, w2, b2, ...
+    gx = gw1 = gb1 = gw2 = gb2 = None
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        # A differentiable backward (create_graph=True): the unfused ops, as the unfused pair.
+        if need[3]:
+            gw2 = _grouped_mm_weight_grad(F.gelu(h, approximate=ctx.approximate), grad, offsets, ctx.backend)
+        if need[4]:
+            gb2 = _bias_grad(grad, offsets, ctx.backend)
+        if need[0] or need[1] or need[2]:
+            ga = _grouped_mm(grad, w2.transpose(1, 2), offsets, None, ctx.backend)  # [M, H]
+            gh = torch.ops.aten.gelu_backward(ga, h, approximate=ctx.approximate)  # [M, H]
+            gw1 = _grouped_mm_weight_grad(x, gh, offsets, ctx.backend) if need[1] else None
+            gb1 = _bias_grad(gh, offsets, ctx.backend) if need[2] else None
+    else:
+        if need[3] or need[4]:
+            gw2, gb2 = _weight_grad_fused(h, grad, offsets, ctx.approximate, need[3], need[4], ctx.backend)
+        if need[0] or need[1] or need[2]:
+            gh = _grouped_mm_act_grad(grad, w2.transpose(1, 2), offsets, h, ctx.approximate, ctx.backend)  # [M, H]
+            if need[1] or need[2]:
+                gw1, gb1 = _weight_grad_fused(x, gh, offsets, None, need[1], need[2], ctx.backend)
+    if need[0]:
+        gx = _grouped_mm(gh, w1.transpose(1, 2), offsets, None, ctx.backend)  # [M, D]
+    grads = (gx, gw1, gb1, gw2, gb2)
+    return (*(g if n else None for g, n in zip(grads, need, strict=False)), None, None, None, None)
+
+
+_gelu_mlp.register_autograd(_mlp_backward, setup_context=_mlp_setup)
+
+
+@torch.compiler.assume_constant_result
+def _fuses_epilogues(backend: str, device: torch.device, dtype: torch.dtype) -> bool:
+    # A constant for torch.compile: the backend decision imports modules and reads caches,
+    # which Dynamo does not trace; tensors of a device and dtype always get the same answer.
+    return backends.fused("grouped_mm_act", backend, device, dtype) is not None
+
+
+def gelu_mlp(
+    x: Tensor,
+    w1: Tensor,
+    w2: Tensor,
+    offsets: Tensor,
+    *,
+    bias1: Tensor | None = None,
+    bias2: Tensor | None = None,
+    approximate: str = "none",
+    backend: str = "auto",
 ) -> Tensor:
+    """The expert MLP with a plain GELU between its matmuls:
+    ``gelu_grouped_mm(grouped_mm(x, w1, offsets, bias=bias1), w2, offsets, bias=bias2,
+    approximate=approximate)``, which is exactly what runs unless the backend declares fused
+    epilogues (then one op, above; the same result up to rounding: one rounding less in GELU's
+    input gradient, and Triton's erf/tanh against torch's).
+
+    Args:
+        x: ``[M, D]`` rows grouped by expert (fp32/fp16/bf16, fp64 for gradcheck).
+        w1: ``[E, H, D]`` fc1's matrices; ``w2``: ``[E, Dout, H]`` fc2's; dtype of ``x``.
+        offsets: ``[E+1]`` int64, as for ``grouped_mm``; padding rows come out as zeros.
+        bias1: optional ``[E, H]``; bias2: optional ``[E, Dout]``; dtype of ``x``.
+        approximate: GELU's ``"none"`` (erf) or ``"tanh"``.
+        backend: ``auto`` or a name of ``moe_kernels.backends.BACKENDS``.
+
+    Returns:
+        ``[M, Dout]``, dtype of ``x``.
+    """
+    op = "gelu_mlp"
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"{op}: approximate must be 'none' or 'tanh', got {approximate!r}")
+    name = backends.requested_backend(backend)
+    check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES, op=op)
+    if not _fuses_epilogues(name, x.device, x.dtype):
+        h = grouped_mm(x, w1, offsets, bias=bias1, backend=backend)  # [M, H]
+        return gelu_grouped_mm(h, w2, offsets, bias=bias2, approximate=approximate, backend=backend)
+    x, w1, offsets, b1 = _checked_args(op, x, w1, offsets, bias1)
+    E, H = w1.shape[0], w1.shape[1]
+    check_tensor("w2", w2, ndim=3, dtypes=(x.dtype,), op=op)
+    if (w2.shape[0], w2.shape[2]) != (E, H):
+        raise ValueError(f"{op}: w2 must have shape [E={E}, Dout, H={H}], got {tuple(w2.shape)}")
+    if bias2 is not None:
+        check_tensor("bias2", bias2, ndim=2, dtypes=(x.dtype,), op=op)
+        if tuple(bias2.shape) != (E, w2.shape[1]):
+            raise ValueError(f"{op}: bias2 must have shape [E, Dout]=[{E}, {w2.shape[1]}], got {tuple(bias2.shape)}")
+    check_same_device(op, x=x, w2=w2, bias2=bias2)
+    b2 = None if bias2 is None else bias2.contiguous()
+    keep_h = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w1, b1, w2, b2))
+    return _gelu_mlp(x, w1, b1, w2.contiguous(), b2, offsets, approximate, keep_h, name)[0]
+
+
+def grouped_mm(x: Tensor, w: Tensor, offsets: Tensor, *, bias: Tensor | None = None, backend: str = "auto") -> Tensor:
     """``out[m] = x[m] @ w[e].T (+ bias[e])`` for ``offsets[e] <= m < offsets[e+1]``.
 
     Args:
