@@ -137,3 +137,26 @@ def test_moeified_timm_vit_backward_traces():
     )  # fmt: skip
     mk.moeify(model, "last-1", num_experts=3, k=2, group_size=17, batch_priority=True)
     _compare(model, torch.randn(2, 3, 32, 32), backend="aot_eager", training=True, atol=1e-4)
+
+
+def test_moe_mlp_fused_gelu_path_traces(monkeypatch, approximate="tanh"):
+    """The expert MLP as one fused op (``ops.gelu_mlp``) where the backend declares fused
+    epilogues (a stand-in made of reference code, tests/fused_standin.py): no graph break, the
+    compiled forward and backward run the fused op and its backward pieces, and match eager."""
+    from tests.fused_standin import fused_torch
+
+    calls = fused_torch(monkeypatch)
+    torch.manual_seed(0)
+    m = mk.MoEMlp(16, 24, num_experts=3, k=2, group_size=8, capacity_factor=1.0, backend="torch",
+                  act_layer=lambda: torch.nn.GELU(approximate=approximate))  # fmt: skip
+    x = torch.randn(16, 16)
+    _compare(m, x, backend="aot_eager", training=True)
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager", dynamic=False)
+    calls.clear()
+    compiled(x.requires_grad_()).sum().backward()
+    assert calls == [
+        ("grouped_mm_act", (approximate, True)),  # fc1 with GELU in its epilogue, keeping h
+        ("grouped_mm_weight_grad_fused", (approximate, True, True)),  # fc2's dW (GELU on load) and db
+        ("grouped_mm_act_grad", (approximate,)),  # GELU' in fc2's dX epilogue
+        ("grouped_mm_weight_grad_fused", (None, True, True)),  # fc1's dW and db
+    ]

@@ -1,5 +1,7 @@
-"""``grouped_mm``, its weight gradient and ``gelu_grouped_mm`` on every available backend
-against the reference (fp32 accumulation; gradients by gradcheck in fp64).
+"""``grouped_mm``, its weight gradient, ``gelu_grouped_mm`` and ``gelu_mlp`` on every available
+backend against the reference (fp32 accumulation; gradients by gradcheck in fp64). Backends
+with fused epilogues (Triton) are held to the dtype's tolerance where they round differently
+from the unfused pair (tests/test_fused_gelu.py has their own cases).
 """
 
 from __future__ import annotations
@@ -9,7 +11,9 @@ import torch
 import torch.nn.functional as F
 
 import moe_kernels as mk
+from moe_kernels import backends
 from moe_kernels import reference as ref
+from moe_kernels.ops.grouped_mm import gelu_mlp
 from tests.conftest import DTYPES, interpreting
 from tests.op_helpers import (
     BACKENDS,
@@ -66,12 +70,29 @@ def test_grouped_mm_gradcheck(backend):
     assert torch.autograd.gradcheck(lambda x, w, b: mk.grouped_mm(x, w, offsets, bias=b, backend=backend), (x, w, b))
 
 
+def _fuses(backend: str, dtype: torch.dtype) -> bool:
+    return backends.fused("grouped_mm_act", backend, torch.device("cpu"), dtype) is not None
+
+
+def _close_to_pair(actual, pair, exact, dtype_id):
+    """A fused result against the unfused pair's: fp32 within tolerance; fp16/bf16 no further
+    from the fp64 result than twice the pair's own error, plus one ulp (STYLE.md)."""
+    if dtype_id == "f32":
+        return assert_close(actual, pair, dtype_id)
+    ours = (actual.double() - exact).abs().max().item()
+    theirs = (pair.double() - exact).abs().max().item()
+    ulp = exact.abs().max().item() * torch.finfo(actual.dtype).eps
+    assert ours <= 2 * theirs + ulp, f"error {ours:.3g} vs the unfused pair's {theirs:.3g}"
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype_id", DTYPE_IDS)
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 def test_gelu_grouped_mm_equals_the_unfused_pair(backend, dtype_id, approximate):
     # The fused op recomputes gelu(h) in its backward: the same kernels on the same operands,
-    # so the output and every gradient are bitwise those of gelu followed by grouped_mm.
+    # so the output and every gradient are bitwise those of gelu followed by grouped_mm. With
+    # fused epilogues the backward applies GELU' in dX's epilogue (one rounding fewer) and
+    # GELU to h as dW loads it: within the dtype's tolerance.
     dtype = DTYPES[dtype_id][0]
     offsets = torch.tensor([0, 5, 5, 12])  # an empty expert and 2 padding rows
     h = torch.randn(14, 9).to(dtype).requires_grad_(True)
@@ -83,9 +104,41 @@ def test_gelu_grouped_mm_equals_the_unfused_pair(backend, dtype_id, approximate)
     grads = torch.autograd.grad(y, (h, w, b), g)
     grads_ref = torch.autograd.grad(y_ref, (h, w, b), g)
     assert torch.equal(y, y_ref)
-    for a, r in zip(grads, grads_ref, strict=True):
-        assert torch.equal(a, r)
+    if _fuses(backend, dtype):
+        h64, w64, b64 = (t.detach().double().requires_grad_() for t in (h, w, b))
+        y64 = mk.grouped_mm(F.gelu(h64, approximate=approximate), w64, offsets, bias=b64, backend="torch")
+        for a, r, e in zip(grads, grads_ref, torch.autograd.grad(y64, (h64, w64, b64), g.double()), strict=True):
+            _close_to_pair(a, r, e, dtype_id)
+    else:
+        for a, r in zip(grads, grads_ref, strict=True):
+            assert torch.equal(a, r)
     assert (grads[0][12:] == 0).all()  # padding rows: no gradient
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype_id,approximate", [("f32", "none"), ("f16", "tanh"), ("bf16", "none")])
+def test_gelu_mlp_equals_the_unfused_pair(backend, dtype_id, approximate):
+    """The expert MLP: grouped_mm, then gelu_grouped_mm (exactly that where nothing is fused)."""
+    dtype = DTYPES[dtype_id][0]
+    offsets = torch.tensor([0, 5, 5, 12])  # an empty expert and 2 padding rows
+    x0, gy = torch.randn(14, 7).to(dtype), torch.randn(14, 6).to(dtype)
+    params = [(torch.randn(3, 9, 7) / 3).to(dtype), torch.randn(3, 9).to(dtype),
+              (torch.randn(3, 6, 9) / 3).to(dtype), torch.randn(3, 6).to(dtype)]  # fmt: skip
+    res = []
+    for fused, be, dt in ((True, backend, dtype), (False, backend, dtype), (False, "torch", torch.float64)):
+        x, w1, b1, w2, b2 = (t.to(dt).requires_grad_() for t in (x0, *params))
+        if fused:
+            y = gelu_mlp(x, w1, w2, offsets, bias1=b1, bias2=b2, approximate=approximate, backend=be)
+        else:
+            h = mk.grouped_mm(x, w1, offsets, bias=b1, backend=be)
+            y = mk.ops.gelu_grouped_mm(h, w2, offsets, bias=b2, approximate=approximate, backend=be)
+        res.append((y, *torch.autograd.grad(y, (x, w1, b1, w2, b2), gy.to(dt))))
+    for a, r, e in zip(*res, strict=True):
+        if _fuses(backend, dtype):
+            _close_to_pair(a, r, e, dtype_id)
+        else:
+            assert torch.equal(a, r)
+    assert not res[0][0][12:].any() and not res[0][1][12:].any()  # padding rows
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -98,7 +151,9 @@ def test_gelu_grouped_mm_gradcheck_and_errors(backend):
     b = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
     for approximate in ("none", "tanh"):
         assert torch.autograd.gradcheck(
-            lambda h, w, b, a=approximate: mk.ops.gelu_grouped_mm(h, w, offsets, bias=b, approximate=a, backend=backend),  # noqa: E501
+            lambda h, w, b, a=approximate: mk.ops.gelu_grouped_mm(
+                h, w, offsets, bias=b, approximate=a, backend=backend
+            ),
             (h, w, b),
         )
     with pytest.raises(ValueError, match=r"approximate must be 'none' or 'tanh', got 'erf'"):
