@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
 import torch
 
 from models import demo
@@ -50,3 +51,16 @@ def test_demo_writes_table_summary_and_plot(tmp_path, monkeypatch):
     assert set(summary) == {"dense ViT", "V-MoE"} and set(summary["V-MoE"]) == {"0", "1"}
     assert summary["V-MoE"]["0"]["test_routing"]  # class-by-expert counts of every MoE layer
     assert os.path.isfile(os.path.join(out, "v-moe-seed1", "routing.png"))
+
+
+def test_rows_and_ablation_are_checked(capsys):
+    for argv, message in (
+        (["--ablation", "--rows", "nope"], "--rows: unknown ['nope']"),
+        (["--data", "digits", "--ablation"], "--ablation is for --data digit-pairs"),
+        (["--data", "digits", "--rows", "Mobile V-MoE"], "Mobile V-MoE needs the dense ViT"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            demo.main(argv)
+        assert e.value.code == 2 and message in capsys.readouterr().err
+    assert set(demo.ABLATION_ROWS) == {"dense ViT, 12 epochs", "V-MoE, 12 epochs", "V-MoE, weights not renormalised"}
+    assert demo.ABLATION_ROWS["V-MoE, weights not renormalised"]["renormalize"] is False
