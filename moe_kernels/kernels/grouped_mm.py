@@ -337,6 +337,16 @@ def _grouped_mm_kernel(
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     n_ok = rn < N
+    # Where the output pointers are set up decides whether ptxas spills (read from the SASS):
+    # before the K-loop for the plain store and for GELU' (set up after it, the fp32 32x64x32
+    # dX on sm_80 and 64x32x32 with EPI_ACT_GRAD on sm_90 spilled), after it for GELU (fp32
+    # 32x64x32 with EPI_ACT on sm_80 spilled with them live across the loop).
+    early: tl.constexpr = EPILOGUE == EPI_NONE or EPILOGUE == EPI_ACT_GRAD
+    if early:
+        out_ok = (rm64 < row_end)[:, None] & n_ok[None, :]
+        y_ptrs = Y_ptr + rm64[:, None] * stride_ym + rn[None, :].to(tl.int64) * stride_yn
+        if EPILOGUE == EPI_ACT_GRAD:
+            aux_ptrs = AUX_ptr + rm64[:, None] * stride_am + rn[None, :].to(tl.int64) * stride_an
     if e < E:
         in_e = rm64 < row_end
         x_ptrs = X_ptr + rm64[:, None] * stride_xm + rk[None, :] * stride_xk
@@ -356,8 +366,6 @@ def _grouped_mm_kernel(
             b_ptrs = B_ptr + e.to(tl.int64) * stride_be + rn * stride_bn
             acc += tl.load(b_ptrs, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         if EPILOGUE == EPI_NONE:
-            out_ok = (rm64 < row_end)[:, None] & n_ok[None, :]
-            y_ptrs = Y_ptr + rm64[:, None] * stride_ym + rn[None, :].to(tl.int64) * stride_yn
             tl.store(y_ptrs, acc.to(Y_ptr.dtype.element_ty), mask=out_ok)
         elif BLOCK_M * BLOCK_N >= 8192:
             # Half a tile at a time: GELU's temporaries (and the aux tile) for all of a
@@ -369,13 +377,18 @@ def _grouped_mm_kernel(
                           EPILOGUE, ACT)  # fmt: skip
             _act_epilogue(acc1, rm64, rn0 + half, row_end, N, Y_ptr, AUX_ptr, stride_ym, stride_yn, stride_am,
                           stride_an, EPILOGUE, ACT)  # fmt: skip
+        elif EPILOGUE == EPI_ACT_GRAD:
+            h = tl.load(aux_ptrs, mask=out_ok, other=0.0).to(tl.float32)
+            tl.store(y_ptrs, (acc * _act_grad(h, ACT)).to(Y_ptr.dtype.element_ty), mask=out_ok)
         else:
             _act_epilogue(acc, rm64, rn, row_end, N, Y_ptr, AUX_ptr, stride_ym, stride_yn, stride_am, stride_an,
                           EPILOGUE, ACT)  # fmt: skip
     elif e == E:
-        out_ok = (rm64 < row_end)[:, None] & n_ok[None, :]
         zeros = tl.zeros((BLOCK_M, BLOCK_N), dtype=Y_ptr.dtype.element_ty)
-        tl.store(Y_ptr + rm64[:, None] * stride_ym + rn[None, :].to(tl.int64) * stride_yn, zeros, mask=out_ok)
+        if not early:
+            out_ok = (rm64 < row_end)[:, None] & n_ok[None, :]
+            y_ptrs = Y_ptr + rm64[:, None] * stride_ym + rn[None, :].to(tl.int64) * stride_yn
+        tl.store(y_ptrs, zeros, mask=out_ok)
         if EPILOGUE == EPI_ACT_SAVE:
             tl.store(AUX_ptr + rm64[:, None] * stride_am + rn[None, :].to(tl.int64) * stride_an, zeros, mask=out_ok)
 
