@@ -76,7 +76,7 @@ def _backward(ctx, grad):
         # (a strided view: the kernels take strides, so nothing is copied).
         gx = _grouped_mm(grad, w.transpose(1, 2), offsets, None, ctx.backend)
     if ctx.needs_input_grad[3] and _fused("grouped_mm_weight_grad_fused", ctx.backend, grad) is not None:
-        # The bias gradient summed by the weight-gradient pass over the same grad tiles.
+        # The bias gradient from programs of the weight-gradient launch, not a GEMM against ones.
         gw, gb = _weight_grad_fused(x, grad, offsets, None, ctx.needs_input_grad[1], True, ctx.backend)
         return gx, gw if ctx.needs_input_grad[1] else None, None, gb, None
     if ctx.needs_input_grad[1]:
@@ -139,6 +139,12 @@ def _(x, grad_out, offsets, approximate, need_dw, need_db, backend):
     return dw, (x.new_empty(E, N) if need_db else x.new_empty(0))
 
 
+def _differentiable() -> bool:
+    """Whether a backward formula runs under ``create_graph=True`` (the fused backward pieces
+    have no autograd of their own); tracing under torch.compile is not."""
+    return torch.is_grad_enabled() and not torch.compiler.is_compiling()
+
+
 # ---------------------------------------------------------------- gelu, then grouped_mm
 # The second expert matmul with the GELU before it, saving GELU's input instead of its output:
 # fc2's weight gradient needs gelu(h), GELU's gradient needs h, and the unfused pair keeps both
@@ -166,9 +172,9 @@ def _gelu_backward(ctx, grad):
     h, w, offsets = ctx.saved_tensors
     grad = grad.contiguous()
     gh = gw = gb = None
-    if _fused("grouped_mm_act_grad", ctx.backend, grad) is not None and not torch.is_grad_enabled():
+    if _fused("grouped_mm_act_grad", ctx.backend, grad) is not None and not _differentiable():
         # gelu(h) applied as fc2's weight gradient loads h (never materialised), the bias
-        # gradient summed in the same pass, GELU' in the epilogue of dX.
+        # gradient in the same launch, GELU' in the epilogue of dX.
         need_w, need_b = ctx.needs_input_grad[1], ctx.needs_input_grad[3]
         if need_w or need_b:
             gw, gb = _weight_grad_fused(h, grad, offsets, ctx.approximate, need_w, need_b, ctx.backend)
@@ -249,18 +255,20 @@ def _(x, w1, b1, w2, b2, offsets, approximate, keep_h, backend):
 
 def _mlp_setup(ctx, inputs, output):
     x, w1, b1, w2, b2, offsets, approximate, keep_h, backend = inputs
-    ctx.save_for_backward(x, w1, w2, offsets, output[1])
+    ctx.save_for_backward(x, w1, b1, w2, offsets, output[1])
     ctx.mark_non_differentiable(output[1])  # returned for the backward only
     ctx.approximate, ctx.backend = approximate, backend
 
 
 def _mlp_backward(ctx, grad, _):
-    x, w1, w2, offsets, h = ctx.saved_tensors
+    x, w1, b1, w2, offsets, h = ctx.saved_tensors
     grad = grad.contiguous()
     need = ctx.needs_input_grad  # x, w1, b1, w2, b2, ...
     gx = gw1 = gb1 = gw2 = gb2 = None
-    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
-        # A differentiable backward (create_graph=True): the unfused ops, as the unfused pair.
+    if _differentiable():
+        # create_graph=True: the unfused ops, whose backward is differentiable where the pair's
+        # was; h is recomputed with autograd (the saved one is not differentiable).
+        h = _grouped_mm(x, w1, offsets, b1, ctx.backend)  # [M, H]
         if need[3]:
             gw2 = _grouped_mm_weight_grad(F.gelu(h, approximate=ctx.approximate), grad, offsets, ctx.backend)
         if need[4]:
