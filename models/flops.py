@@ -9,6 +9,9 @@ multiply-add) and ignores element-wise work. Importing this module registers for
   slots, as V-MoE counts them and as GPUs compute them (``count_flops`` turns the CPU's
   ``MoEMlp.skip_empty_slots`` off, so the count does not depend on the device).
 - ``grouped_mm_weight_grad`` (backward): ``2*M*N*Din`` likewise.
+- ``gelu_mlp`` (the fused expert MLP of backends with fused epilogues): both GEMMs,
+  ``2*M*H*D + 2*M*Dout*H``; its backward ops ``grouped_mm_act_grad`` and
+  ``grouped_mm_weight_grad_fused`` as the GEMMs they replace (bias sums: 0).
 - ``dispatch``, ``combine``, ``combine_weights_grad``, ``topk_softmax``, ``make_routing``: 0
   (gathers, scatters and weighted sums: element-wise work, like GELU or LayerNorm).
 """
@@ -41,6 +44,21 @@ def _grouped_mm_weight_grad_flop(x_shape, grad_shape, offsets_shape, *args, out_
     return 2 * M * grad_shape[1] * Din
 
 
+def _gelu_mlp_flop(x_shape, w1_shape, b1_shape, w2_shape, *args, out_shape=None, **kwargs) -> int:
+    # The fused expert MLP (backends with fused epilogues): fc1 [M, D] -> [M, H], fc2 -> [M, Dout].
+    M, D = x_shape
+    return 2 * M * w1_shape[1] * D + 2 * M * w2_shape[1] * w2_shape[2]
+
+
+def _act_grad_flop(grad_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    # grad [M, N] times each expert's w [H, N] (passed as [E, H, N]) -> [M, H]: 2*M*N*H.
+    return 2 * grad_shape[0] * grad_shape[1] * w_shape[1]
+
+
+def _weight_grad_fused_flop(x_shape, grad_shape, offsets_shape, approximate, need_dw, *args, **kwargs) -> int:
+    return 2 * x_shape[0] * grad_shape[1] * x_shape[1] if need_dw else 0
+
+
 def _zero_flop(*args, **kwargs) -> int:
     return 0
 
@@ -49,6 +67,13 @@ _ops = torch.ops.moe_kernels
 _register(_ops.grouped_mm, _grouped_mm_flop)
 _register(_ops.gelu_grouped_mm, _grouped_mm_flop)
 _register(_ops.grouped_mm_weight_grad, _grouped_mm_weight_grad_flop)
+for _name, _formula in (
+    ("gelu_mlp", _gelu_mlp_flop),
+    ("grouped_mm_act_grad", _act_grad_flop),
+    ("grouped_mm_weight_grad_fused", _weight_grad_fused_flop),
+):
+    if hasattr(_ops, _name):
+        _register(getattr(_ops, _name), _formula)
 for _name in ("dispatch", "combine", "combine_weights_grad", "topk_softmax", "topk_softmax_backward", "make_routing"):
     if hasattr(_ops, _name):
         _register(getattr(_ops, _name), _zero_flop)

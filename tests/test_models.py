@@ -183,6 +183,27 @@ def test_flops_and_active_params():
     assert total - active == 3 * 6 * expert  # K=2 of 8 experts are active
 
 
+def test_flop_formulas_of_the_fused_expert_mlp_ops():
+    # The ops a backend with fused epilogues runs (Triton) must be counted like the unfused pair,
+    # or count_flops on a GPU would leave the expert MLPs out. Called directly on the CPU here.
+    from torch.utils.flop_counter import FlopCounterMode
+
+    M, D, H, Dout, E = 10, 6, 8, 5, 3
+    x, g, h = torch.randn(M, D), torch.randn(M, Dout), torch.randn(M, H)
+    w1, w2, off = torch.randn(E, H, D), torch.randn(E, Dout, H), torch.tensor([0, 3, 7, 10])
+    ops = torch.ops.moe_kernels
+    calls = [
+        (lambda: ops.gelu_mlp(x, w1, None, w2, None, off, "none", True, "cpu"), 2 * M * H * D + 2 * M * Dout * H),
+        (lambda: ops.grouped_mm_act_grad(g, w2.transpose(1, 2), off, h, "none", "cpu"), 2 * M * Dout * H),
+        (lambda: ops.grouped_mm_weight_grad_fused(h, g, off, "none", True, True, "cpu"), 2 * M * Dout * H),
+        (lambda: ops.grouped_mm_weight_grad_fused(h, g, off, "none", False, True, "cpu"), 0),
+    ]
+    for call, want in calls:
+        with FlopCounterMode(display=False) as fc:
+            call()
+        assert fc.get_total_flops() == want
+
+
 def test_checkpoint_roundtrip(tmp_path):
     from models.train import build_model, load_checkpoint, save_checkpoint
 
