@@ -58,7 +58,7 @@ def test_known_parameter_counts_unchanged():
 def test_errors_list_what_is_registered():
     with pytest.raises(ValueError, match=r"unknown model 'vmoe_x99'; registered: \['mobile_vmoe_tiny'"):
         registry.create_model("vmoe_x99")
-    with pytest.raises(ValueError, match=r"unknown vmoe variant 'X/9'; registered: \['Mu/4'"):
+    with pytest.raises(ValueError, match=r"unknown vmoe variant 'X/9'; registered: \['Nano/4', 'Mu/4'"):
         registry.get_factory("vmoe", "X/9")
     with pytest.raises(ValueError, match="unknown model family 'resnet'"):
         registry.list_models("resnet")
