@@ -25,7 +25,7 @@ import torch  # noqa: E402
 
 from bench import report  # noqa: E402
 from bench.cases import MAIN_CASES, SWEEP_CASES  # noqa: E402
-from bench.measure import cpuinfo, device_name, sgemm, versions  # noqa: E402
+from bench.measure import cpuinfo, device_name, run_meta, sgemm  # noqa: E402
 from bench.suite import run_layer_case, run_op_cases  # noqa: E402
 
 
@@ -89,22 +89,16 @@ def main(argv=None) -> int:
     for r in records:
         r.setdefault("gflops", None)  # no matmul FLOPs to count (e.g. the exchange)
 
-    meta = {
-        "device": device_name(device),
-        "versions": versions(),
-        "threads": torch.get_num_threads(),
-        "sgemm_gflops": round(sgemm_gflops, 2),
-        "sgemm": {
-            "n": args.sgemm_n,
-            "median_ms": round(sgemm_t.median_ms, 4),
-            "iqr_ms": round(sgemm_t.iqr_ms, 4),
-            "runs": sgemm_t.runs,
-        },
-        "quick": quick,
-        "elapsed_s": round(elapsed, 1),
-        "notes": notes,
-        "command": "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:]),
-    }
+    meta = run_meta(
+        device,
+        sgemm_gflops,
+        sgemm_t,
+        args.sgemm_n,
+        quick=quick,
+        elapsed=elapsed,
+        notes=notes,
+        command="python -m bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+    )
     print()
     print(
         f"## Whole layer ({meta['device']}; torch {torch.__version__}; {elapsed:.0f} s;"

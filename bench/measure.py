@@ -261,6 +261,26 @@ def sgemm(device: torch.device, n: int = 1536, runs: int = 9) -> tuple[float, Ti
     return 2.0 * n**3 / timing.median_ms / 1e6, timing
 
 
+def run_meta(device, sgemm_gflops: float, sgemm_t, sgemm_n: int, *, quick: bool, elapsed: float, **extra) -> dict:
+    """The top-level JSON fields every benchmark command writes: device, versions, threads, the
+    machine's sgemm rate measured in the same run, ``quick``, ``elapsed_s``, then ``extra``."""
+    return {
+        "device": device_name(device),
+        "versions": versions(),
+        "threads": torch.get_num_threads(),
+        "sgemm_gflops": round(sgemm_gflops, 2),
+        "sgemm": {
+            "n": sgemm_n,
+            "median_ms": round(sgemm_t.median_ms, 4),
+            "iqr_ms": round(sgemm_t.iqr_ms, 4),
+            "runs": sgemm_t.runs,
+        },
+        "quick": quick,
+        "elapsed_s": round(elapsed, 1),
+        **extra,
+    }
+
+
 def versions() -> dict[str, str | None]:
     """The versions a run's JSON records: moe_kernels, torch, python and triton (None if absent)."""
     try:

@@ -31,7 +31,7 @@ import torch  # noqa: E402
 
 from bench import report  # noqa: E402
 from bench.cases import EXPERT_SWEEP, TOKEN_SWEEP, LayerCase  # noqa: E402
-from bench.measure import device_name, sgemm, versions  # noqa: E402
+from bench.measure import device_name, run_meta, sgemm  # noqa: E402
 from bench.suite import run_layer_case  # noqa: E402
 
 IMPLS = ("moe_kernels", "dense")
@@ -106,22 +106,16 @@ def main(
             sweep, cases[sweep], device, min_run_time=mrt, min_runs=runs, max_warmup=2 if args.quick else 4
         )
     elapsed = time.time() - t0
-    meta = {
-        "device": device_name(device),
-        "versions": versions(),
-        "threads": torch.get_num_threads(),
-        "sgemm_gflops": round(sgemm_gflops, 2),
-        "sgemm": {
-            "n": args.sgemm_n,
-            "median_ms": round(sgemm_t.median_ms, 4),
-            "iqr_ms": round(sgemm_t.iqr_ms, 4),
-            "runs": sgemm_t.runs,
-        },
-        "quick": args.quick,
-        "elapsed_s": round(elapsed, 1),
-        "sweeps": {s: [c.name for c in cases[s]] for s in args.sweeps},
-        "command": "python -m bench.sweep " + " ".join(argv if argv is not None else sys.argv[1:]),
-    }
+    meta = run_meta(
+        device,
+        sgemm_gflops,
+        sgemm_t,
+        args.sgemm_n,
+        quick=args.quick,
+        elapsed=elapsed,
+        sweeps={s: [c.name for c in cases[s]] for s in args.sweeps},
+        command="python -m bench.sweep " + " ".join(argv if argv is not None else sys.argv[1:]),
+    )
     print(
         f"\n## Time per token ({meta['device']}; torch {torch.__version__}; {elapsed:.0f} s;"
         f" sgemm {sgemm_gflops:.1f} GFLOP/s)\n"

@@ -66,6 +66,29 @@ def list_models() -> list[str]:
     return registry.list_models(FAMILY)
 
 
+def _vit(
+    widths: dict[str, tuple[int, int, int, int]],
+    width: str,
+    patch_size: int,
+    moe_blocks: Callable[[int], Sequence[int]],
+    **kwargs,
+) -> VisionTransformer:
+    """The ``VisionTransformer`` of ``widths[width]`` with ``patch_size``; ``moe_blocks(depth)``
+    picks the MoE blocks; ``kwargs`` go to the constructor."""
+    dim, mlp_dim, heads, depth = widths[width]
+    model = VisionTransformer(
+        patch_size=patch_size,
+        dim=dim,
+        mlp_dim=mlp_dim,
+        num_heads=heads,
+        depth=depth,
+        moe_blocks=moe_blocks(depth),
+        **kwargs,
+    )
+    model.variant = f"{width}/{patch_size}"
+    return model
+
+
 def _build(
     width: str,
     patch_size: int,
@@ -87,19 +110,15 @@ def _build(
     expert_mlp_dim: int | None = None,
     **moe_kwargs,
 ) -> VisionTransformer:
-    dim, mlp_dim, heads, depth = WIDTHS[width]
-    blocks = () if moe_layers is None else moe_layer_indices(moe_layers, depth)
-    model = VisionTransformer(
+    return _vit(
+        WIDTHS,
+        width,
+        patch_size,
+        lambda depth: () if moe_layers is None else moe_layer_indices(moe_layers, depth),
         image_size=image_size,
-        patch_size=patch_size,
         in_chans=in_chans,
         num_classes=num_classes,
-        dim=dim,
-        mlp_dim=mlp_dim,
-        num_heads=heads,
-        depth=depth,
         representation_size=representation_size,
-        moe_blocks=blocks,
         num_experts=num_experts,
         moe_kwargs=dict(
             k=k,
@@ -114,8 +133,6 @@ def _build(
         share_expert_init=share_expert_init,
         expert_mlp_dim=expert_mlp_dim,
     )
-    model.variant = f"{width}/{patch_size}"
-    return model
 
 
 @register_model("Nano/4")
@@ -235,31 +252,25 @@ def _build_soft(
     share_expert_init: bool = False,
     **soft_kwargs,
 ) -> VisionTransformer:
-    dim, mlp_dim, heads, depth = SOFT_WIDTHS[width]
-    if moe_layers == "second-half":
-        blocks = tuple(range(depth // 2, depth))
-    elif moe_layers is None:
-        blocks = ()
-    else:
-        blocks = moe_layer_indices(moe_layers, depth)
-    model = VisionTransformer(
+    def blocks(depth: int) -> tuple[int, ...]:
+        if moe_layers == "second-half":
+            return tuple(range(depth // 2, depth))
+        return () if moe_layers is None else moe_layer_indices(moe_layers, depth)
+
+    return _vit(
+        SOFT_WIDTHS,
+        width,
+        patch_size,
+        blocks,
         image_size=image_size,
-        patch_size=patch_size,
         in_chans=in_chans,
         num_classes=num_classes,
-        dim=dim,
-        mlp_dim=mlp_dim,
-        num_heads=heads,
-        depth=depth,
         representation_size=representation_size,
-        moe_blocks=blocks,
         num_experts=num_experts,
         moe_kwargs=dict(router="soft", num_slots=num_slots, noise_std=noise_std, **soft_kwargs),
         share_expert_init=share_expert_init,
         classifier=classifier,
     )
-    model.variant = f"{width}/{patch_size}"
-    return model
 
 
 @registry.register_model(SOFT_FAMILY, "Mu/4")
