@@ -16,7 +16,6 @@ from bench import _malloc
 _malloc.init()  # before torch starts its threads (see bench/_malloc.py)
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -119,9 +118,7 @@ def main(argv=None) -> int:
         report.plot(records, args.plot, f"moe_kernels vs baselines and the dense MLP, {meta['device']}")
         print(f"\nplot: {args.plot}")
     if args.json:
-        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump({**meta, "records": records}, f, indent=1)
+        report.write_json(args.json, meta, records)
         print(f"json: {args.json}")
     return 0
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from collections import defaultdict
 
 from bench.baselines import BASELINES
@@ -251,3 +253,10 @@ def plot_sweep(records: list[dict], path: str, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def write_json(path: str, meta: dict, records: list[dict]) -> None:
+    """``{**meta, "records": records}`` to ``path`` (its folder made if needed)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({**meta, "records": records}, f, indent=1)

@@ -21,7 +21,6 @@ from bench import _malloc
 _malloc.init()  # before torch starts its threads (see bench/_malloc.py)
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -136,9 +135,7 @@ def main(
         report.plot_sweep(records, args.plot, f"moe_kernels (train mode) and the dense MLP, fp32, {meta['device']}")
         print(f"\nplot: {args.plot}")
     if args.json:
-        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump({**meta, "records": records}, f, indent=1)
+        report.write_json(args.json, meta, records)
         print(f"json: {args.json}")
     return 0
 
