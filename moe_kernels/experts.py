@@ -16,8 +16,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from moe_kernels.ops import grouped_mm
-from moe_kernels.ops.grouped_mm import gelu_mlp
+from moe_kernels.ops import gelu_mlp, grouped_mm
 from moe_kernels.validation import check_positive_int
 
 __all__ = ["ExpertMLPs", "expert_sizes", "pair"]

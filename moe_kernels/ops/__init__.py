@@ -2,7 +2,7 @@
 implementation (for ``torch.compile``) and autograd, running the backend ``backends`` picks."""
 
 from moe_kernels.ops.dispatch_combine import combine, dispatch
-from moe_kernels.ops.grouped_mm import gelu_grouped_mm, grouped_mm
+from moe_kernels.ops.grouped_mm import gelu_grouped_mm, gelu_mlp, grouped_mm
 from moe_kernels.ops.make_routing import Routing, compute_capacity, make_routing
 from moe_kernels.ops.topk_softmax import topk_softmax
 
@@ -12,6 +12,7 @@ __all__ = [
     "compute_capacity",
     "dispatch",
     "gelu_grouped_mm",
+    "gelu_mlp",
     "grouped_mm",
     "make_routing",
     "topk_softmax",
