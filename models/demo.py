@@ -40,15 +40,13 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 
-import matplotlib
+import numpy as np
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from models.data import load_digit_pairs, load_digits  # noqa: E402
-from models.train import DEFAULTS, run, superclasses_from  # noqa: E402
+from models import vmoe
+from models.data import load_digit_pairs, load_digits
+from models.plots import plot_seeds
+from models.train import DEFAULTS, run, superclasses_from
 
 #: The experts-pay comparison (module docstring): name -> run config overrides.
 PAIRS_ROWS = {
@@ -85,7 +83,10 @@ DIGITS_RECIPE = dict(epochs=30)
 
 
 def _describe(cfg: dict) -> str:
-    size = {"Nano/4": "4x32", "Mu/4": "6x64", "6x64": "6x64"}.get(cfg["variant"], cfg["variant"])
+    size = cfg["variant"]
+    if size in vmoe.list_models():  # "Nano/4" -> "4x32": blocks x width, as the Mobile sizes
+        dim, _, _, depth = vmoe.WIDTHS[size.split("/")[0]]
+        size = f"{depth}x{dim}"
     if cfg["model"] == "dense":
         return f"{size}, dense"
     if cfg["model"] == "vmoe":
@@ -142,23 +143,6 @@ def _run_all(jobs: list[dict], workers: int) -> list[dict]:
 def _mean_sd(values: list[float]) -> str:
     sd = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{statistics.mean(values):.3f} ± {sd:.3f}"
-
-
-def plot_seeds(histories: dict[str, dict[int, list[dict]]], path: str) -> None:
-    """Validation accuracy per epoch: one colour per model, one line per seed."""
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for i, (name, by_seed) in enumerate(histories.items()):
-        for j, (_seed, hist) in enumerate(sorted(by_seed.items())):
-            ep = [h["epoch"] for h in hist]
-            ax.plot(ep, [h["val_acc"] for h in hist], "-o", color=f"C{i}", markersize=3, alpha=0.8,
-                    label=name if j == 0 else None)  # fmt: skip
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("validation accuracy")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
 
 
 def main(argv=None) -> str:

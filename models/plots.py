@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-__all__ = ["plot_accuracy", "plot_expert_use", "plot_routing"]
+__all__ = ["plot_accuracy", "plot_expert_use", "plot_routing", "plot_seeds"]
 
 
 def plot_accuracy(histories: dict[str, list[dict]], path: str) -> None:
@@ -35,8 +35,25 @@ def plot_accuracy(histories: dict[str, list[dict]], path: str) -> None:
         ax.set_xlim(0.5, last + 0.5)
     else:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    _save_epochs(fig, ax, "accuracy (dashed: train)", path)
+
+
+def plot_seeds(histories: dict[str, dict[int, list[dict]]], path: str) -> None:
+    """Validation accuracy per epoch of several seeds: one colour per model, one line per seed
+    (``histories[model][seed]`` is a run's per-epoch metrics)."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, (name, by_seed) in enumerate(histories.items()):
+        for j, (_, hist) in enumerate(sorted(by_seed.items())):
+            ep = [h["epoch"] for h in hist]
+            ax.plot(ep, [h["val_acc"] for h in hist], "-o", color=f"C{i}", markersize=3, alpha=0.8,
+                    label=name if j == 0 else None)  # fmt: skip
+    _save_epochs(fig, ax, "validation accuracy", path)
+
+
+def _save_epochs(fig, ax, ylabel: str, path: str) -> None:
+    """The accuracy plots' common finish: labels, grid, legend, saved and closed."""
     ax.set_xlabel("epoch")
-    ax.set_ylabel("accuracy (dashed: train)")
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
     fig.tight_layout()

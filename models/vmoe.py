@@ -43,13 +43,11 @@ WIDTHS: dict[str, tuple[int, int, int, int]] = {
     "H": (1280, 5120, 16, 32),
 }
 
-#: Soft MoE's ViT widths (the paper's S is ViT-S: 12 blocks of 384, not V-MoE's S).
+#: Soft MoE's ViT widths: V-MoE's, except that the paper's S is ViT-S (12 blocks of 384), not
+#: V-MoE's S.
 SOFT_WIDTHS: dict[str, tuple[int, int, int, int]] = {
-    "Mu": (64, 256, 2, 6),
+    **{w: WIDTHS[w] for w in ("Mu", "B", "L", "H")},
     "S": (384, 1536, 6, 12),
-    "B": (768, 3072, 12, 12),
-    "L": (1024, 4096, 16, 24),
-    "H": (1280, 5120, 16, 32),
 }
 
 FAMILY = "vmoe"

@@ -44,6 +44,7 @@ def test_demo_writes_table_summary_and_plot(tmp_path, monkeypatch):
     for row in rows:
         cells = [c.strip() for c in row.split("|")]
         assert " ± " in cells[3] and len(cells[4].split(", ")) == 2  # mean ± sd, one value per seed
+    assert "| 4x32, dense |" in rows[0] and "4x32, E=16 K=2 every block, experts 28 wide" in rows[1]
     assert "1.00x" in rows[1]  # the measured FLOPs ratio
     for f in ("table.md", "summary.json", "accuracy.png"):
         assert os.path.getsize(os.path.join(out, f)) > 0
