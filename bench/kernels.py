@@ -5,7 +5,9 @@ and TMA instructions, read from the cubins (``cuobjdump``), no GPU needed.
 config the launcher can pick on that architecture (forward, dX, weight gradient, the weight
 gradient split over rows and its partial-sum kernel, and the fused variants of ``FUSED``: GELU
 in fc1's epilogue, GELU' in fc2's dX epilogue, GELU on the weight gradient's operand load, bias
-gradients; fp16/bf16 on tensor cores, fp32 with IEEE products as the router runs) ahead of time
+gradients; the persistent TMA forward and dX of ``kernels/grouped_mm_tma.py``, sm_90 only;
+fp16/bf16 on tensor cores, fp32 with IEEE products as the router runs, and with TF32 products for
+the TMA kernels, which the launcher never gives IEEE fp32) ahead of time
 and reports one record per kernel and config: ``kernel, config, arch, n_regs, n_spills,
 shared_bytes, wgmma, mma, tma`` (and the raw counts behind them). ``make gpu-check`` runs the
 same analysis over the kernels a real run compiled (``scan_cache``).
@@ -128,12 +130,22 @@ def gemm_signature(kind: str, dt: str) -> tuple:
     pointers and leading strides 16-divisible, inner strides 1 (Triton specialises on both)."""
     from moe_kernels.kernels import grouped_mm as gm
 
+    i32 = "i32"
+    if kind in TMA_KINDS:  # the persistent TMA kernel: dX reads w's storage [E, KD, N] (W_T)
+        from moe_kernels.kernels import grouped_mm_tma as gmt
+
+        sig = dict(X_ptr=f"*{dt}", W_ptr=f"*{dt}", Y_ptr=f"*{dt}", Off_ptr="*i64", B_ptr=f"*{dt}", M=i32, N=i32,
+                   KD=i32, E=i32, M_BUCKET=i32, stride_xm=i32, stride_we=i32, stride_w1=i32, stride_ym=i32,
+                   stride_be=i32)  # fmt: skip
+        div = ["X_ptr", "W_ptr", "Y_ptr", "Off_ptr", "B_ptr", "N", "KD", "M_BUCKET", "stride_xm", "stride_we",
+               "stride_w1", "stride_ym", "stride_be"]  # fmt: skip
+        const = dict(stride_yn=1, stride_bn=1, W_T=kind == "dx_tma", HAS_BIAS=True)
+        return gmt._grouped_mm_tma_kernel, sig, const, div
     if kind in FUSED:
         base, extra = FUSED[kind]
         fn, sig, const, div = gemm_signature(base, dt)
         const.update(extra)
         return fn, sig, const, div
-    i32 = "i32"
     wgrad_plain = dict(ACT=0, HAS_DB=False)
     if kind == "weight_grad_split":  # fp32 partial sums into a workspace [SPLIT, E, N, KD]
         sig = dict(X_ptr=f"*{dt}", G_ptr=f"*{dt}", WS_ptr="*fp32", DBWS_ptr="*fp32", Off_ptr="*i64", M=i32, N=i32,
@@ -184,6 +196,10 @@ def gemm_configs(kind: str, cc: int, elem_size: int = 2, ieee_fp32: bool = False
     products (the router's dtype)."""
     from moe_kernels.kernels import grouped_mm as gm
 
+    if kind in TMA_KINDS:
+        from moe_kernels.kernels import grouped_mm_tma as gmt
+
+        return gm.prune_configs(gmt.GROUPED_MM_TMA_CONFIGS, elem_size, SHARED_LIMIT[cc])
     base, extra = FUSED.get(kind, (kind, {}))
     wgrad = base.startswith("weight_grad")
     configs = gm.wgrad_configs(ieee_fp32, extra.get("ACT", 0) != 0) if wgrad else gm.fwd_configs(ieee_fp32)
@@ -195,7 +211,10 @@ def config_id(cfg) -> str:
     return f"{k['BLOCK_M']}x{k['BLOCK_N']}x{k['BLOCK_K']}-w{cfg.num_warps}-s{cfg.num_stages}"
 
 
-KINDS = ("forward", "dx", "weight_grad", "weight_grad_split", *FUSED)
+# The persistent TMA forward and dX (kernels/grouped_mm_tma.py), compiled for sm_90 only: the
+# launcher runs them on compute capability 9.0+ alone.
+TMA_KINDS = ("forward_tma", "dx_tma")
+KINDS = ("forward", "dx", "weight_grad", "weight_grad_split", *FUSED, *TMA_KINDS)
 
 
 def aot_records(cc: int, dtypes=("fp16", "bf16", "fp32"), kinds=KINDS, limit: int | None = None) -> list[dict]:
@@ -219,9 +238,12 @@ def aot_records(cc: int, dtypes=("fp16", "bf16", "fp32"), kinds=KINDS, limit: in
 
     with tempfile.TemporaryDirectory() as tmp:
         for kind in kinds:
+            if kind in TMA_KINDS and cc < 90:
+                continue
             for dt in dtypes:
-                ieee = dt == "fp32"
-                for cfg in gemm_configs(kind, cc, 4 if ieee else 2, ieee_fp32=ieee)[:limit]:
+                ieee = dt == "fp32" and kind not in TMA_KINDS
+                elem_size = 4 if dt == "fp32" else 2
+                for cfg in gemm_configs(kind, cc, elem_size, ieee_fp32=ieee)[:limit]:
                     fn, sig, const, div = gemm_signature(kind, dt)
                     const.update(INPUT_PRECISION="ieee" if ieee else "tf32", DOT_FP32=False, **cfg.kwargs)
                     k = compile_kernel(fn, cc, sig, const, div, cfg.num_warps, cfg.num_stages)

@@ -15,6 +15,7 @@ R buffer rows, M rows, N output width.
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 import triton
@@ -23,6 +24,7 @@ from torch import Tensor
 from moe_kernels.backends import Support
 from moe_kernels.kernels import _config
 from moe_kernels.kernels import grouped_mm as _gm
+from moe_kernels.kernels import grouped_mm_tma as _gmt
 from moe_kernels.kernels.dispatch_combine import _combine_kernel, _combine_weights_grad_kernel, _dispatch_kernel
 from moe_kernels.kernels.gating import _topk_softmax_backward_kernel, _topk_softmax_kernel
 from moe_kernels.kernels.routing import _routing_histogram_kernel, _routing_positions_kernel
@@ -275,8 +277,11 @@ def _forward(x: Tensor, w: Tensor, offsets: Tensor, bias: Tensor | None, *, epil
         return ((triton.cdiv(M, meta["BLOCK_M"]) + E) * triton.cdiv(N, meta["BLOCK_N"]),)
 
     dot = _dot_options(x.dtype)
-    candidates = _gm.fwd_configs(x.element_size() == 4 and dot["INPUT_PRECISION"] == "ieee")
     b = bias if bias is not None else out  # placeholder pointer, unread without HAS_BIAS
+    if not tma_reasons(x, w, dot, epilogue):
+        _forward_tma(x, w, out, offsets, b, bias is not None, dot)
+        return out
+    candidates = _gm.fwd_configs(x.element_size() == 4 and dot["INPUT_PRECISION"] == "ieee")
     a = aux if aux is not None and aux.numel() else out  # placeholder pointer, untouched by EPI_NONE/EPI_ACT
     args = (
         x, w, out, offsets, b, a, M, N, KD, E, _config.m_bucket(M),
@@ -287,6 +292,87 @@ def _forward(x: Tensor, w: Tensor, offsets: Tensor, bias: Tensor | None, *, epil
         _launch_gemm("grouped_mm", grid, args, x.element_size(), wgrad=False, candidates=candidates,
                      HAS_BIAS=bias is not None, EPILOGUE=epilogue, ACT=act, **dot)  # fmt: skip
     return out
+
+
+# The persistent TMA forward/dX (kernels/grouped_mm_tma.py): "auto" (default) runs it on CUDA
+# devices of compute capability 9.0+ whenever the layout allows; "0" never (the non-persistent
+# kernel everywhere, e.g. to compare the two on one GPU); "1" as auto, and also on CPU tensors
+# under the interpreter (tests).
+TMA_ENV = "MOE_KERNELS_TRITON_TMA"
+
+
+def _tma_aligned(t: Tensor, *strides: int) -> bool:
+    """TMA's rules for a descriptor over ``t``: a 16-byte aligned base and 16-byte multiples
+    for every stride but the innermost (which the caller has checked is 1)."""
+    es = t.element_size()
+    return t.data_ptr() % 16 == 0 and all((s * es) % 16 == 0 for s in strides)
+
+
+def tma_reasons(x: Tensor, w: Tensor, dot: dict, epilogue: int = 0) -> list[str]:
+    """Why the persistent TMA kernel cannot run the forward/dX ``x [M, KD] @ w[e].T`` (``w``
+    [E, N, KD], any strides) with ``dot`` (``_dot_options``); empty when it can."""
+    mode = os.environ.get(TMA_ENV, "auto").strip() or "auto"
+    if mode not in ("auto", "0", "1"):
+        raise ValueError(f"{TMA_ENV} must be auto, 0 or 1, got {mode!r}")
+    if mode == "0":
+        return [f"{TMA_ENV}=0"]
+    reasons = []
+    if x.is_cuda:
+        if torch.cuda.get_device_capability(x.device)[0] < 9:
+            reasons.append("TMA needs compute capability 9.0+ (sm_80 runs the non-persistent kernel)")
+    elif not (mode == "1" and _config.interpreting()):
+        reasons.append(f"CPU tensors run it only under the interpreter with {TMA_ENV}=1")
+    if epilogue:
+        reasons.append("the fused GELU epilogues run in the non-persistent kernel")
+    if dot["INPUT_PRECISION"] == "ieee" and not dot["DOT_FP32"]:
+        reasons.append("fp32 with IEEE products runs the non-persistent kernel's FMA configs")
+    if x.shape[1] == 0:
+        reasons.append("KD = 0: nothing to load")
+    if x.stride(1) != 1 or not _tma_aligned(x, x.stride(0)):
+        reasons.append("x: TMA needs inner stride 1 and a 16-byte aligned base and row stride")
+    if not (w.stride(2) == 1 and _tma_aligned(w, w.stride(0), w.stride(1))
+            or w.stride(1) == 1 and _tma_aligned(w, w.stride(0), w.stride(2))):  # fmt: skip
+        reasons.append("w: TMA needs one of its last two strides 1, the others and the base 16-byte aligned")
+    return reasons
+
+
+def _tma_workspace(size: int, alignment: int, stream: int | None) -> Tensor:
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_allocator() -> None:
+    """Device-side tensor descriptors live in a global workspace Triton asks its allocator for
+    (a ContextVar; unset it raises at launch): set a torch one unless the user set one."""
+    try:
+        from triton.runtime import _allocation
+
+        unset = isinstance(_allocation._allocator.get(), _allocation.NullAllocator)
+    except (ImportError, AttributeError):  # another Triton layout: set ours
+        unset = True
+    if unset:
+        triton.set_allocator(_tma_workspace)
+
+
+def _forward_tma(x: Tensor, w: Tensor, out: Tensor, offsets: Tensor, b: Tensor, has_bias: bool, dot: dict) -> None:
+    """The persistent TMA kernel for a launch ``tma_reasons`` allows: ``w`` read as stored
+    (W_T when its reduction dimension is the strided one, as dX's transposed view)."""
+    M, KD = x.shape
+    E, N, _ = w.shape
+    w_t = w.stride(2) != 1
+    num_sms = _num_sms(x.device)
+
+    def grid(meta):
+        # At most one program per SM, each looping over the schedule's entries.
+        return (min(num_sms, (triton.cdiv(M, meta["BLOCK_M"]) + E) * triton.cdiv(N, meta["BLOCK_N"])),)
+
+    args = (
+        x, w, out, offsets, b, M, N, KD, E, _config.m_bucket(M), x.stride(0), w.stride(0),
+        w.stride(2) if w_t else w.stride(1), out.stride(0), out.stride(1), b.stride(0), b.stride(1),
+    )  # fmt: skip
+    with _on_device(x):
+        if x.is_cuda:
+            _ensure_allocator()
+        _launch_gemm("grouped_mm_tma", grid, args, x.element_size(), wgrad=False, W_T=w_t, HAS_BIAS=has_bias, **dot)
 
 
 # The weight gradient's grid is (dW tiles) x E programs, 6-12 for the router (E=1, N=32,
@@ -411,6 +497,7 @@ def _weight_grad(
 # Looked up at launch time, as is the split sum, so tests can put recorders in their place.
 GEMM_KERNELS = {
     "grouped_mm": (_gm.grouped_mm_kernel, _gm._grouped_mm_kernel, _gm.GROUPED_MM_CONFIGS),
+    "grouped_mm_tma": (_gmt.grouped_mm_tma_kernel, _gmt._grouped_mm_tma_kernel, _gmt.GROUPED_MM_TMA_CONFIGS),
     "grouped_mm_weight_grad": (
         _gm.grouped_mm_weight_grad_kernel,
         _gm._grouped_mm_weight_grad_kernel,
