@@ -56,7 +56,9 @@ _PLAIN = {
 
 
 def _gemm_recorders(rec):
-    return {name: pair for name, pair in rec.items() if name != "split_sum"}
+    # The persistent TMA kernel never runs on CPU tensors outside the interpreter (the
+    # launcher's tma_reasons): test_tma_launch checks it on its own.
+    return {name: pair for name, pair in rec.items() if name not in ("split_sum", "grouped_mm_tma")}
 
 
 def _call_both(M=300, KD=64, N=96, E=3, split=1):
@@ -125,6 +127,36 @@ def test_pin_explicit_config(recorders, monkeypatch):
     # the kernel not named gets its first fitting candidate
     _, cfg, _, _ = _launched(recorders["grouped_mm_weight_grad"][1])
     assert cfg == gm.prune_configs(gm.wgrad_configs(True), 4, H100_SHARED, wgrad=True)[0].kwargs
+
+
+def test_tma_launch(recorders, monkeypatch):
+    """Where the layout allows TMA (``tma_reasons`` empty, as on sm_90): the persistent kernel,
+    at most one program per SM (132 without a GPU), the forward reading w as stored and dX
+    its untransposed storage (W_T); pinned, the first TMA candidate that fits."""
+    from moe_kernels.kernels import grouped_mm_tma as gmt
+
+    monkeypatch.setattr(_triton, "tma_reasons", lambda *a, **k: [])
+    M, KD, N, E = 3000, 64, 512, 3
+    x, w = torch.randn(M, KD, dtype=torch.float16), torch.randn(E, N, KD, dtype=torch.float16)
+    offsets = torch.tensor([0, 100, 100, M])
+    names = gmt._grouped_mm_tma_kernel.arg_names
+    monkeypatch.setenv(_config.PIN_ENV, "autotune")
+    _triton.grouped_mm(x, w, offsets)
+    tuned, plain = recorders["grouped_mm_tma"]
+    ((grid_fn, args, kwargs),) = tuned.calls
+    assert not plain.calls and not recorders["grouped_mm"][0].calls and kwargs["W_T"] is False
+    assert args[names.index("stride_w1")] == KD and args[names.index("M_BUCKET")] == 4096
+    for c in gmt.GROUPED_MM_TMA_CONFIGS:
+        tiles = (triton.cdiv(M, c.kwargs["BLOCK_M"]) + E) * triton.cdiv(N, c.kwargs["BLOCK_N"])
+        assert grid_fn(c.kwargs) == (min(132, tiles),)
+    monkeypatch.setenv(_config.PIN_ENV, "first")
+    _triton.grouped_mm(torch.randn(M, N, dtype=torch.float16), w.transpose(1, 2), offsets)  # dX
+    grid, cfg, warps, stages = _launched(plain)
+    want = gm.prune_configs(gmt.GROUPED_MM_TMA_CONFIGS, 2, H100_SHARED)[0]
+    assert cfg == want.kwargs and (warps, stages) == (want.num_warps, want.num_stages) == (8, 4)
+    assert cfg["BLOCK_N"] == 256 and plain.calls[0][2]["W_T"] is True
+    assert grid == (triton.cdiv(M, 128) + E,)  # dX writes [M, KD]: one column block, fewer than 132
+    assert plain.calls[0][1][names.index("stride_w1")] == KD  # w's storage [E, N, KD] read as [E, KD, N]
 
 
 @pytest.mark.parametrize(
