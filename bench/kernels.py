@@ -3,7 +3,8 @@ and TMA instructions, read from the cubins (``cuobjdump``), no GPU needed.
 
 ``python -m bench.kernels --arch sm_90|sm_80 [--json PATH]`` compiles every grouped-GEMM
 config the launcher can pick on that architecture (forward, dX, weight gradient, the weight
-gradient split over rows and its partial-sum kernel, and the fused variants of ``FUSED``: GELU
+gradient split over rows and its partial-sum kernel, the weight gradient over row chunks and its
+chunk-table and chunk-sum kernels, and the fused variants of ``FUSED``: GELU
 in fc1's epilogue, GELU' in fc2's dX epilogue, GELU on the weight gradient's operand load, bias
 gradients; the persistent TMA forward and dX of ``kernels/grouped_mm_tma.py``, sm_90 only;
 fp16/bf16 on tensor cores, fp32 with IEEE products as the router runs, and with TF32 products for
@@ -119,6 +120,7 @@ FUSED = {
     "weight_grad_gelu": ("weight_grad", dict(ACT=1, HAS_DB=True)),
     "weight_grad_gelu_tanh": ("weight_grad", dict(ACT=2, HAS_DB=True)),
     "weight_grad_split_gelu": ("weight_grad_split", dict(ACT=1, HAS_DB=True)),
+    "weight_grad_chunked_gelu": ("weight_grad_chunked", dict(ACT=1, HAS_DB=True)),
 }
 
 
@@ -154,6 +156,15 @@ def gemm_signature(kind: str, dt: str) -> tuple:
         div = ["X_ptr", "G_ptr", "WS_ptr", "DBWS_ptr", "Off_ptr", "N", "KD", "M_BUCKET", "stride_xm", "stride_gm",
                "stride_ws", "stride_we", "stride_wn", "stride_dbs", "stride_dbe"]  # fmt: skip
         return gm._grouped_mm_weight_grad_split_kernel, sig, dict(stride_xk=1, stride_gn=1, **wgrad_plain), div
+    if kind == "weight_grad_chunked":  # over row chunks (kernels/grouped_mm_chunked.py), fp32 partials
+        from moe_kernels.kernels import grouped_mm_chunked as gmc
+
+        sig = dict(X_ptr=f"*{dt}", G_ptr=f"*{dt}", DW_ptr=f"*{dt}", DB_ptr=f"*{dt}", WS_ptr="*fp32", DBWS_ptr="*fp32",
+                   Sched_ptr="*i64", M=i32, N=i32, KD=i32, E=i32, M_BUCKET=i32, stride_xm=i32,
+                   stride_gm=i32)  # fmt: skip
+        div = ["X_ptr", "G_ptr", "DW_ptr", "DB_ptr", "WS_ptr", "DBWS_ptr", "Sched_ptr", "N", "KD", "M_BUCKET",
+               "stride_xm", "stride_gm"]  # fmt: skip
+        return gmc._grouped_mm_weight_grad_chunked_kernel, sig, dict(stride_xk=1, stride_gn=1, **wgrad_plain), div
     if kind == "weight_grad":
         sig = dict(X_ptr=f"*{dt}", G_ptr=f"*{dt}", DW_ptr=f"*{dt}", DB_ptr=f"*{dt}", Off_ptr="*i64", M=i32, N=i32,
                    KD=i32, M_BUCKET=i32, stride_xm=i32, stride_gm=i32, stride_we=i32, stride_wn=i32,
@@ -214,7 +225,7 @@ def config_id(cfg) -> str:
 # The persistent TMA forward and dX (kernels/grouped_mm_tma.py), compiled for sm_90 only: the
 # launcher runs them on compute capability 9.0+ alone.
 TMA_KINDS = ("forward_tma", "dx_tma")
-KINDS = ("forward", "dx", "weight_grad", "weight_grad_split", *FUSED, *TMA_KINDS)
+KINDS = ("forward", "dx", "weight_grad", "weight_grad_split", "weight_grad_chunked", *FUSED, *TMA_KINDS)
 
 
 def aot_records(cc: int, dtypes=("fp16", "bf16", "fp32"), kinds=KINDS, limit: int | None = None) -> list[dict]:
@@ -254,6 +265,17 @@ def aot_records(cc: int, dtypes=("fp16", "bf16", "fp32"), kinds=KINDS, limit: in
                 divisible = ["WS_ptr", "Out_ptr", "NUMEL"]
                 k = compile_kernel(gm._split_sum_kernel, cc, sig, dict(BLOCK=1024), divisible, 4, 3)
                 add(k, "grouped_mm_split_sum", dt, "1024-w4")
+        if "weight_grad_chunked" in kinds:
+            from moe_kernels.kernels import grouped_mm_chunked as gmc
+
+            for dt in dtypes:
+                sig = dict(WS_ptr="*fp32", Out_ptr=f"*{dt}", Exp_ptr="*i64", NUMEL="i32")
+                divisible = ["WS_ptr", "Out_ptr", "Exp_ptr", "NUMEL"]
+                k = compile_kernel(gmc._chunk_sum_kernel, cc, sig, dict(BLOCK=1024), divisible, 4, 3)
+                add(k, "grouped_mm_chunk_sum", dt, "1024-w4")
+            sig = dict(Off_ptr="*i64", Sched_ptr="*i64", Exp_ptr="*i64", M="i32", E="i32", CH="i32")
+            k = compile_kernel(gmc._chunk_table_kernel, cc, sig, {}, ["Off_ptr", "Sched_ptr", "Exp_ptr"], 4, 3)
+            add(k, "grouped_mm_chunk_table", "i64", "w4")
     return records
 
 

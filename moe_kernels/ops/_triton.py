@@ -24,6 +24,7 @@ from torch import Tensor
 from moe_kernels.backends import Support
 from moe_kernels.kernels import _config
 from moe_kernels.kernels import grouped_mm as _gm
+from moe_kernels.kernels import grouped_mm_chunked as _gmc
 from moe_kernels.kernels import grouped_mm_tma as _gmt
 from moe_kernels.kernels.dispatch_combine import _combine_kernel, _combine_weights_grad_kernel, _dispatch_kernel
 from moe_kernels.kernels.gating import _topk_softmax_backward_kernel, _topk_softmax_kernel
@@ -407,10 +408,43 @@ def wgrad_split(M: int, N: int, KD: int, E: int, configs: list, num_sms: int) ->
     return max(1, min(triton.cdiv(target, tiles), cap))
 
 
-def grouped_mm_weight_grad(x: Tensor, grad_out: Tensor, offsets: Tensor, *, split: int | None = None) -> Tensor:
+# The weight gradient over row chunks (kernels/grouped_mm_chunked.py) when one expert's dW
+# tiles cannot fill two waves of the SMs: then an expert holding most rows would be a tail.
+# A chunk reduces at least this many rows: its fp32 partial costs 8 bytes (written, read) per
+# dW element against 2 x CHUNK_MIN_ROWS FLOPs, 256 FLOP/byte, above an H100/H200's ~200-300
+# (dense bf16 FLOP/s over HBM bytes/s), so the partials' traffic stays under the GEMM's time.
+CHUNK_MIN_ROWS = 1024
+# Chunk starts are multiples of this from the expert's first row (every BLOCK_M divides it).
+CHUNK_ALIGN = 128
+
+
+def wgrad_chunk(M: int, N: int, KD: int, E: int, configs: list, num_sms: int) -> int:
+    """Rows per chunk of the weight gradient (0: the unsplit kernel). When one expert's dW
+    tiles (for the config with the fewest among ``configs``) are fewer than 2 x ``num_sms``,
+    an expert holding most of the M rows would keep that few programs busy long after the
+    rest: the rows are cut into chunks of ``CH = M * tiles / (2 * num_sms)`` (rounded up to
+    CHUNK_ALIGN, at least CHUNK_MIN_ROWS), so that even one expert holding all rows has two
+    waves of programs, and the fp32 workspace (fewer than ``2 * cdiv(M, CH)`` slots of
+    ``N * KD`` + N) stays within SPLIT_WORKSPACE_BYTES. Decided from shapes alone (no host
+    sync); 0 for one expert (the row split serves small grids), a large grid, or CH >= M."""
+    tiles = min(triton.cdiv(N, c.kwargs["BLOCK_N"]) * triton.cdiv(KD, c.kwargs["BLOCK_K"]) for c in configs)
+    if E <= 1 or tiles >= 2 * num_sms:
+        return 0
+    max_chunks = SPLIT_WORKSPACE_BYTES // (2 * 4 * (N * KD + N))  # cdiv(M, CH) that fits the workspace
+    if max_chunks == 0:
+        return 0
+    ch = max(triton.cdiv(M * tiles, 2 * num_sms), CHUNK_MIN_ROWS, triton.cdiv(M, max_chunks))
+    ch = triton.cdiv(ch, CHUNK_ALIGN) * CHUNK_ALIGN
+    return ch if ch < M else 0
+
+
+def grouped_mm_weight_grad(
+    x: Tensor, grad_out: Tensor, offsets: Tensor, *, split: int | None = None, chunk: int | None = None
+) -> Tensor:
     """``dw[e] = grad_out[rows of e].T @ x[rows of e]``; ``split`` forces the number of row
-    splits (tests), else ``wgrad_split`` chooses it."""
-    return _weight_grad(x, grad_out, offsets, _gm.ACT_NONE.value, True, False, split)[0]
+    splits and ``chunk`` the rows per chunk of the chunked kernel (tests), else ``wgrad_split``
+    and ``wgrad_chunk`` choose them."""
+    return _weight_grad(x, grad_out, offsets, _gm.ACT_NONE.value, True, False, split, chunk)[0]
 
 
 def grouped_mm_weight_grad_fused(
@@ -422,6 +456,7 @@ def grouped_mm_weight_grad_fused(
     need_db: bool,
     *,
     split: int | None = None,
+    chunk: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``(dw, db)``: ``dw[e] = grad_out[rows of e].T @ act(x[rows of e])`` ([E, N, KD]; act is
     GELU with ``approximate`` applied to x as the kernel loads it, or nothing when None) and
@@ -429,11 +464,18 @@ def grouped_mm_weight_grad_fused(
     by programs of the same launch, one per N tile and expert, instead of a GEMM against a
     column of ones). Either is an empty [0] when not needed (its programs are not launched)."""
     act = _gm.ACT_NONE.value if approximate is None else _gm.GELU_ACT[approximate]
-    return _weight_grad(x, grad_out, offsets, act, need_dw, need_db, split)
+    return _weight_grad(x, grad_out, offsets, act, need_dw, need_db, split, chunk)
 
 
 def _weight_grad(
-    x: Tensor, grad_out: Tensor, offsets: Tensor, act: int, need_dw: bool, need_db: bool, split: int | None
+    x: Tensor,
+    grad_out: Tensor,
+    offsets: Tensor,
+    act: int,
+    need_dw: bool,
+    need_db: bool,
+    split: int | None,
+    chunk: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     M, KD = x.shape
     N = grad_out.shape[1]
@@ -453,6 +495,12 @@ def _weight_grad(
         pinned = _config.pinned_config(name, candidates, lambda cs: fitting(cs, x.element_size(), wgrad=True))
         configs = [pinned] if pinned is not None else fitting(candidates, x.element_size(), wgrad=True)
         split = wgrad_split(M, N, max(KD, 1), E, configs, _num_sms(x.device))
+        if split == 1 and chunk is None:
+            chunk = wgrad_chunk(M, N, max(KD, 1), E, configs, _num_sms(x.device))
+    flags = dict(ACT=act, HAS_DB=need_db, **dot)
+    if chunk:
+        _weight_grad_chunked(x, grad_out, offsets, dw, db, KD, chunk, candidates, flags)
+        return dw, db
 
     def grid(meta):
         # The bias tiles, then the dW tiles (kernels/grouped_mm.py: _grouped_mm_weight_grad_kernel).
@@ -460,7 +508,6 @@ def _weight_grad(
         tiles = (n_tiles if need_db else 0) + n_tiles * triton.cdiv(KD, meta["BLOCK_K"])
         return (tiles, E, *((split,) if split > 1 else ()))
 
-    flags = dict(ACT=act, HAS_DB=need_db, **dot)
     if split == 1:
         # An unneeded output gets the other's pointer and zero strides: the kernel never writes it.
         w_out, b_out = (dw if need_dw else db), (db if need_db else dw)
@@ -492,6 +539,44 @@ def _weight_grad(
     return dw, db
 
 
+def _weight_grad_chunked(
+    x: Tensor, grad_out: Tensor, offsets: Tensor, dw: Tensor, db: Tensor, KD: int, chunk: int, candidates, flags
+) -> None:
+    """The weight gradient over row chunks of ``chunk`` rows (kernels/grouped_mm_chunked.py)
+    into the contiguous ``dw`` [E, N, KD] and ``db`` [E, N] (either may be unneeded: [0])."""
+    M, N, E = x.shape[0], grad_out.shape[1], offsets.shape[0] - 1
+    need_dw, need_db = dw.numel() > 0, flags["HAS_DB"]
+    slots = 2 * triton.cdiv(M, chunk)  # more than the multi-chunk experts' chunks
+    f32 = dict(dtype=torch.float32, device=x.device)
+    ws = torch.empty(slots, N, KD, **f32) if need_dw else None  # [SLOTS, N, KD]
+    dbws = torch.empty(slots, N, **f32) if need_db else None  # [SLOTS, N]
+
+    def grid(meta):
+        # The bias tiles, then the dW tiles, for each chunk of the schedule's worst case.
+        n_tiles = triton.cdiv(N, meta["BLOCK_N"])
+        tiles = (n_tiles if need_db else 0) + n_tiles * triton.cdiv(KD, meta["BLOCK_K"])
+        return (tiles, nch)
+
+    # An unneeded output (or workspace) gets the other's pointer: the kernel never touches it.
+    w_out, b_out = (dw if need_dw else db), (db if need_db else dw)
+    w_ws, b_ws = (ws if need_dw else dbws), (dbws if need_db else ws)
+    nch = triton.cdiv(M, chunk) + E
+    i64 = dict(dtype=torch.int64, device=x.device)
+    sched, per_expert = torch.empty(nch, 4, **i64), torch.empty(E, 2, **i64)  # [NCH, 4], [E, 2]
+    args = (
+        x, grad_out, w_out, b_out, w_ws, b_ws, sched, M, N, KD, E, _config.m_bucket(M),
+        x.stride(0), x.stride(1), grad_out.stride(0), grad_out.stride(1),
+    )  # fmt: skip
+    with _on_device(x):
+        CHUNK_TABLE_KERNEL[(nch,)](offsets, sched, per_expert, M, E, chunk, num_warps=4)
+        _launch_gemm("grouped_mm_weight_grad_chunked", grid, args, x.element_size(), wgrad=True,
+                     pin="grouped_mm_weight_grad", candidates=candidates, **flags)  # fmt: skip
+        block = 1024
+        for part, out, numel in ((ws, dw, N * KD), (dbws, db, N)):
+            if part is not None:
+                CHUNK_SUM_KERNEL[(triton.cdiv(numel, block), E)](part, out, per_expert, numel, BLOCK=block, num_warps=4)
+
+
 # The grouped GEMMs' kernels: (autotuned, plain @triton.jit, candidates), by the names
 # MOE_KERNELS_TRITON_CONFIG uses (the split weight gradient is pinned as grouped_mm_weight_grad).
 # Looked up at launch time, as is the split sum, so tests can put recorders in their place.
@@ -508,8 +593,15 @@ GEMM_KERNELS = {
         _gm._grouped_mm_weight_grad_split_kernel,
         _gm.GROUPED_MM_WGRAD_CONFIGS,
     ),
+    "grouped_mm_weight_grad_chunked": (
+        _gmc.grouped_mm_weight_grad_chunked_kernel,
+        _gmc._grouped_mm_weight_grad_chunked_kernel,
+        _gm.GROUPED_MM_WGRAD_CONFIGS,
+    ),
 }
 SPLIT_SUM_KERNEL = _gm._split_sum_kernel
+CHUNK_SUM_KERNEL = _gmc._chunk_sum_kernel
+CHUNK_TABLE_KERNEL = _gmc._chunk_table_kernel
 
 
 def _launch_gemm(
