@@ -47,6 +47,14 @@ TORCH_LIBRARY(moe_kernels_C, m) {
   m.def("combine_weights_grad(Tensor a, Tensor b, Tensor rows) -> Tensor");
   m.def("grouped_mm(Tensor x, Tensor w, Tensor offsets, Tensor? bias=None) -> Tensor");
   m.def("grouped_mm_weight_grad(Tensor x, Tensor grad_out, Tensor offsets) -> Tensor");
+  // The fused expert-MLP ops (backends.FUSED_OPS): CPU kernels only.
+  m.def(
+      "grouped_mm_act(Tensor x, Tensor w, Tensor offsets, Tensor? bias, str approximate, bool keep_pre)"
+      " -> (Tensor, Tensor)");
+  m.def("grouped_mm_act_grad(Tensor grad, Tensor w, Tensor offsets, Tensor pre, str approximate) -> Tensor");
+  m.def(
+      "grouped_mm_weight_grad_fused(Tensor x, Tensor grad_out, Tensor offsets, str? approximate, bool need_dw,"
+      " bool need_db) -> (Tensor, Tensor)");
   m.def("cuda_built() -> bool", &cuda_built);
   m.def("build_info() -> str", &build_info);
 }

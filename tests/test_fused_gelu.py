@@ -1,7 +1,8 @@
 """The expert MLP's fused epilogues (``ops.gelu_mlp``; docs/triton.md, "Fused epilogues").
 
 This module runs twice, as tests/test_triton_interpret.py does. In the normal suite the CPU
-cases run: backends without fused epilogues run exactly the unfused ops as before; the fused
+cases run: backends without fused epilogues run exactly the unfused ops as before (the C++ CPU
+kernels' fused ops have their own tests, tests/test_fused_cpu.py); the fused
 op's own composition (and its backward) against the unfused pair; the wiring of ``MoEMlp`` and
 ``grouped_mm``'s bias gradient through a stand-in fused backend made of reference code
 (tests/fused_standin.py); opcheck of the new ops. ``test_interpreter_cases`` then runs this
@@ -91,8 +92,15 @@ def _assert_close(got, want, atol=1e-5, rtol=1e-5):
 # CPU: the op layer
 
 
+def _unfused_backends(device_type: str) -> list[str]:
+    """The backends under test on ``device_type`` whose grouped GEMM declares no fused epilogues."""
+    dev = torch.device(device_type)
+    return [b for b in backends_under_test(device_type)
+            if backends.fused("grouped_mm_act", b, dev, torch.float32) is None]  # fmt: skip
+
+
 @in_parent
-@pytest.mark.parametrize("backend", backends_under_test("cpu"))
+@pytest.mark.parametrize("backend", _unfused_backends("cpu"))
 @approximations
 def test_backends_without_fused_epilogues_run_the_unfused_pair(backend, approximate):
     offsets, params, gy = _operands(*CASES[0])
@@ -209,8 +217,13 @@ def test_fused_epilogues_are_declared():
     for name in backends.BACKENDS:
         sup = backends.support(name)
         if not isinstance(sup, str):
-            assert sup.fused_epilogues == (name == "triton"), name
+            assert sup.fused_epilogues == (name in ("triton", "cpu")), name
     assert backends.fused("grouped_mm_act", "torch", torch.device("cpu"), torch.float32) is None
+    if not isinstance(backends.support("cpu"), str):
+        from moe_kernels.ops import _cpp
+
+        for op in backends.FUSED_OPS:
+            assert backends.fused(op, "cpu", torch.device("cpu"), torch.float32) is getattr(_cpp, op)
     if not isinstance(backends.support("triton"), str):
         from moe_kernels.ops import _triton
 

@@ -11,7 +11,16 @@
 // features are read at run time (CPUID); where it has the units (avx512_bf16 or amx_bf16 for bf16,
 // avx512_fp16 or amx_fp16 for fp16) the native path is kept. MOE_KERNELS_CPU_LOWP_GEMM overrides
 // the choice: "auto" (default), "fp32" (always convert) or "native" (never).
+//
+// The fused ops of the expert MLP (backends.FUSED_OPS, declared by the cpu backend): GELU applied
+// to each forward tile right after its GEMM (while the tile is in cache) instead of a pass over
+// the whole [M, H]; GELU's derivative applied to each dX tile the same way; the weight gradient
+// with GELU applied to the loaded rows (fc2's dW takes gelu(h) without materialising it) and the
+// bias gradients as column sums in the same tiles, in a fixed row order. Every elementwise step
+// runs the ATen kernel the unfused ops run (at::gelu, at::gelu_backward) on the tile.
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -38,6 +47,10 @@ namespace {
 // over the cores.
 constexpr int64_t kRowTile = 512;
 constexpr int64_t kColTile = 128;
+// Native low-precision weight-gradient tiles are wider: an AMX bf16 GEMM of 128 output columns
+// ran at 0.6-0.8x the rate of one over the whole expert (V-MoE-S/32 and B/16 shapes, measured),
+// and 1024 keeps a few tiles per expert for the threads when E is small.
+constexpr int64_t kColTileNative = 1024;
 
 struct Tile {
   int64_t e, lo, hi;
@@ -133,47 +146,230 @@ void check_mm(const char* op, const at::Tensor& x, const char* other_name, const
   check_same_device(op, "x", x, other_name, other);
 }
 
-// bias [E, N] (optional) is fused into each expert's GEMM (addmm), as a padded bmm would do.
-at::Tensor grouped_mm_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& offsets,
-                          const c10::optional<at::Tensor>& bias) {
-  const char* op = "grouped_mm";
+void check_bias(const char* op, const at::Tensor& x, const c10::optional<at::Tensor>& bias, int64_t E, int64_t N) {
+  if (!bias.has_value()) return;
+  check_mm(op, x, "bias", *bias);
+  TORCH_CHECK(bias->dim() == 2 && bias->size(0) == E && bias->size(1) == N, "moe_kernels::", op,
+              ": bias must have shape [E=", E, ", N=", N, "], got ", shape_str(*bias));
+}
+
+// x [M, Din] against w [E, N, Din] (any strides), offsets [E+1]; returns E.
+int64_t check_forward(const char* op, const at::Tensor& x, const at::Tensor& w, const at::Tensor& offsets,
+                      const char* x_name = "x") {
   check_mm(op, x, "w", w);
   check_dim(op, "w", w, 3);
   TORCH_CHECK(w.size(2) == x.size(1), "moe_kernels::", op, ": w must have shape [E, N, Din=", x.size(1),
-              "], got ", shape_str(w));
-  const int64_t E = w.size(0), M = x.size(0), N = w.size(1);
-  check_offsets_host(op, offsets, E, M);
-  if (bias.has_value()) {
-    check_mm(op, x, "bias", *bias);
-    TORCH_CHECK(bias->dim() == 2 && bias->size(0) == E && bias->size(1) == N, "moe_kernels::", op,
-                ": bias must have shape [E=", E, ", N=", N, "], got ", shape_str(*bias));
+              "] (Din: the columns of ", x_name, "), got ", shape_str(w));
+  check_offsets_host(op, offsets, w.size(0), x.size(0));
+  return w.size(0);
+}
+
+// GELU's variant: torch's names, as F.gelu takes them.
+void check_approximate(const char* op, const std::string& approximate) {
+  TORCH_CHECK(approximate == "none" || approximate == "tanh", "moe_kernels::", op,
+              ": approximate must be 'none' or 'tanh', got '", approximate, "'");
+}
+
+// dst [n, N] = a [n, Din] @ we [N, Din]^T (+ be [N]): one single-threaded GEMM, on fp32 copies of
+// the operands when to_fp32 (one copy of the expert's weight per tile: Din*N against the GEMM's
+// 2*n*Din*N), accumulated in fp32 and rounded once by copy_.
+void tile_mm(at::Tensor dst, const at::Tensor& a, const at::Tensor& we, const c10::optional<at::Tensor>& be,
+             bool to_fp32) {
+  if (to_fp32) {
+    const at::Tensor a32 = a.to(at::kFloat), wt = we.to(at::kFloat).t();  // [n, Din], [Din, N]
+    dst.copy_(be.has_value() ? at::addmm(be->to(at::kFloat), a32, wt) : at::mm(a32, wt));
+  } else if (be.has_value()) {
+    at::addmm_out(dst, *be, a, we.t());
+  } else {
+    at::mm_out(dst, a, we.t());
   }
-  const int64_t* o = offsets.data_ptr<int64_t>();
-  auto out = at::empty({M, N}, x.options());
+}
+
+// Runs tile_mm over row tiles of every expert's rows of x; epilogue(i, rows r0, count n) runs on
+// the same thread right after tile i's GEMM. Rows past offsets[E] of every output are zeroed.
+template <typename Epilogue>
+void forward_tiles(const at::Tensor& x, const at::Tensor& w, const int64_t* o, const c10::optional<at::Tensor>& bias,
+                   at::Tensor gemm_out, Epilogue epilogue) {
+  const int64_t E = w.size(0);
   const bool to_fp32 = !lowp_native(x.scalar_type());
   const auto tiles = make_tiles(E, kRowTile, [&](int64_t e) { return o[e + 1] - o[e]; });
   for_each_tile(static_cast<int64_t>(tiles.size()), [&](int64_t i) {
     const Tile& t = tiles[i];
     const int64_t r0 = o[t.e] + t.lo, n = t.hi - t.lo;
-    at::Tensor dst = out.narrow(0, r0, n);
-    if (to_fp32) {
-      // fp32 copies of the tile's rows and the expert's weight (one per tile: the copy costs
-      // Din*N of the GEMM's 2*n*Din*N), accumulated in fp32, rounded once by copy_.
-      const at::Tensor a = x.narrow(0, r0, n).to(at::kFloat);             // [n, Din]
-      const at::Tensor wt = w.select(0, t.e).to(at::kFloat).t();          // [Din, N]
-      dst.copy_(bias.has_value() ? at::addmm(bias->select(0, t.e).to(at::kFloat), a, wt) : at::mm(a, wt));
-    } else if (bias.has_value()) {
-      at::addmm_out(dst, bias->select(0, t.e), x.narrow(0, r0, n), w.select(0, t.e).t());
-    } else {
-      at::mm_out(dst, x.narrow(0, r0, n), w.select(0, t.e).t());
-    }
+    c10::optional<at::Tensor> be;
+    if (bias.has_value()) be = bias->select(0, t.e);
+    tile_mm(gemm_out.narrow(0, r0, n), x.narrow(0, r0, n), w.select(0, t.e), be, to_fp32);
+    epilogue(r0, n);
   });
-  if (o[E] < M) out.narrow(0, o[E], M - o[E]).zero_();
+}
+
+void zero_padding(at::Tensor t, int64_t used) {
+  if (t.size(0) > used) t.narrow(0, used, t.size(0) - used).zero_();
+}
+
+// bias [E, N] (optional) is fused into each expert's GEMM (addmm), as a padded bmm would do.
+at::Tensor grouped_mm_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& offsets,
+                          const c10::optional<at::Tensor>& bias) {
+  const char* op = "grouped_mm";
+  const int64_t E = check_forward(op, x, w, offsets);
+  check_bias(op, x, bias, E, w.size(1));
+  const int64_t* o = offsets.data_ptr<int64_t>();
+  auto out = at::empty({x.size(0), w.size(1)}, x.options());
+  forward_tiles(x, w, o, bias, out, [](int64_t, int64_t) {});
+  zero_padding(out, o[E]);
   return out;
 }
 
-at::Tensor grouped_mm_weight_grad_cpu(const at::Tensor& x, const at::Tensor& grad_out, const at::Tensor& offsets) {
-  const char* op = "grouped_mm_weight_grad";
+// (gelu(p), p) with p = grouped_mm(x, w, offsets, bias): GELU on each tile after its GEMM. p is
+// kept ([M, N]) only with keep_pre (the backward's input), else an empty [0, N] is returned and
+// GELU runs in place on the GEMM's output. GELU reads p rounded to x's dtype, as the unfused
+// F.gelu(h) does.
+std::tuple<at::Tensor, at::Tensor> grouped_mm_act_cpu(const at::Tensor& x, const at::Tensor& w,
+                                                      const at::Tensor& offsets,
+                                                      const c10::optional<at::Tensor>& bias,
+                                                      c10::string_view approximate, bool keep_pre) {
+  const char* op = "grouped_mm_act";
+  const int64_t E = check_forward(op, x, w, offsets);
+  check_bias(op, x, bias, E, w.size(1));
+  const std::string approx(approximate);
+  check_approximate(op, approx);
+  const int64_t M = x.size(0), N = w.size(1);
+  const int64_t* o = offsets.data_ptr<int64_t>();
+  auto y = at::empty({M, N}, x.options());
+  auto pre = at::empty({keep_pre ? M : 0, N}, x.options());
+  forward_tiles(x, w, o, bias, keep_pre ? pre : y, [&](int64_t r0, int64_t n) {
+    at::Tensor yt = y.narrow(0, r0, n);
+    if (keep_pre) {
+      at::gelu_out(yt, pre.narrow(0, r0, n), approx);
+    } else {
+      at::gelu_(yt, approx);
+    }
+  });
+  zero_padding(y, o[E]);
+  zero_padding(pre, o[E]);
+  return {y, pre};
+}
+
+// grouped_mm(grad, w, offsets) * gelu'(pre): GELU's derivative applied to each dX tile in place
+// right after its GEMM (w: fc2's weight transposed, [E, H, Dout], a strided view).
+at::Tensor grouped_mm_act_grad_cpu(const at::Tensor& grad, const at::Tensor& w, const at::Tensor& offsets,
+                                   const at::Tensor& pre, c10::string_view approximate) {
+  const char* op = "grouped_mm_act_grad";
+  const int64_t E = check_forward(op, grad, w, offsets, "grad");
+  check_mm(op, grad, "pre", pre);
+  const std::string approx(approximate);
+  check_approximate(op, approx);
+  const int64_t M = grad.size(0), N = w.size(1);
+  TORCH_CHECK(pre.dim() == 2 && pre.size(0) == M && pre.size(1) == N, "moe_kernels::", op,
+              ": pre must have shape [M=", M, ", N=", N, "] (grad's rows, w's N), got ", shape_str(pre));
+  const int64_t* o = offsets.data_ptr<int64_t>();
+  auto out = at::empty({M, N}, grad.options());
+  forward_tiles(grad, w, o, c10::nullopt, out, [&](int64_t r0, int64_t n) {
+    at::Tensor t = out.narrow(0, r0, n);
+    at::gelu_backward_out(t, t, pre.narrow(0, r0, n), approx);  // elementwise, in place
+  });
+  zero_padding(out, o[E]);
+  return out;
+}
+
+// dst [cols] = the column sums of g [n, cols] (any strides), row after row in opmath (fp32 for
+// fp16/bf16): a fixed order, whatever the thread count.
+void col_sums(at::Tensor dst, const at::Tensor& g) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "moe_kernels_col_sums", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const int64_t n = g.size(0), cols = g.size(1), s0 = g.stride(0), s1 = g.stride(1);
+    const scalar_t* p = g.data_ptr<scalar_t>();
+    std::vector<acc_t> acc(cols, acc_t(0));
+    for (int64_t r = 0; r < n; ++r) {
+      const scalar_t* row = p + r * s0;
+      for (int64_t c = 0; c < cols; ++c) acc[c] += static_cast<acc_t>(row[c * s1]);
+    }
+    at::Tensor sums = at::from_blob(acc.data(), {cols}, g.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    dst.copy_(sums);  // rounded once
+  });
+}
+
+// dst [N', Din'] = g [n, N']^T @ a [n, Din'] (an expert's rows): fp32 math in fixed chunks of at
+// most kRowTile rows summed in chunk order. One MKL sgemm over more than about 1,000 rows splits
+// the reduction by the thread count (measured: 1 vs 2 threads differed from 1,100 rows), which
+// would break the bitwise thread-count invariance of DESIGN.md 3.9; at most 512 rows a call it
+// does not, and the extra accumulation is 1/512 of the FLOPs. Native bf16/fp16 (the CPU's
+// low-precision units; thread-count invariant as measured) is one GEMM over all rows.
+void wgrad_tile(at::Tensor dst, const at::Tensor& g, const at::Tensor& a, bool to_fp32, bool native) {
+  const int64_t n = g.size(0);
+  if (n == 0) {
+    dst.zero_();
+    return;
+  }
+  if (native) {
+    at::mm_out(dst, g.t(), a);
+    return;
+  }
+  const int64_t parts = (n + kRowTile - 1) / kRowTile;
+  const bool fp32_out = dst.scalar_type() == at::kFloat || dst.scalar_type() == at::kDouble;
+  at::Tensor acc = fp32_out ? dst : at::empty(dst.sizes(), dst.options().dtype(at::kFloat));
+  for (int64_t p = 0; p < parts; ++p) {
+    const int64_t r0 = n * p / parts, rows = n * (p + 1) / parts - r0;
+    at::Tensor gc = g.narrow(0, r0, rows), ac = a.narrow(0, r0, rows);  // [rows, N'], [rows, Din']
+    if (to_fp32) {
+      gc = gc.to(at::kFloat);
+      ac = ac.to(at::kFloat);
+    }
+    if (p == 0) {
+      at::mm_out(acc, gc.t(), ac);
+    } else {
+      acc.addmm_(gc.t(), ac);
+    }
+  }
+  if (!acc.is_same(dst)) dst.copy_(acc);  // rounded once to the low-precision dtype
+}
+
+// With GELU on x (fc2's weight gradient: x = h [M, H], grad_out [M, Dout]): one tile per expert,
+// which applies GELU to a chunk of at most kRowTile of its rows once (a [rows, Din] buffer the
+// size of the chunk, in x's dtype as the unfused F.gelu(h)) and multiplies it into every column
+// tile of dw[e] while it is in cache; chunks are summed in order, as in wgrad_tile.
+void expert_wgrad_act(at::Tensor dw_e, const at::Tensor& g, const at::Tensor& h, const std::string& approx,
+                      bool to_fp32, bool native) {
+  const int64_t n = g.size(0), N = g.size(1);
+  if (n == 0) {
+    dw_e.zero_();
+    return;
+  }
+  const int64_t width = native ? kColTileNative : kColTile;
+  const int64_t parts = native ? 1 : (n + kRowTile - 1) / kRowTile, col_parts = (N + width - 1) / width;
+  const bool fp32_out = dw_e.scalar_type() == at::kFloat || dw_e.scalar_type() == at::kDouble;
+  at::Tensor acc = native || fp32_out ? dw_e : at::empty(dw_e.sizes(), dw_e.options().dtype(at::kFloat));
+  for (int64_t p = 0; p < parts; ++p) {
+    const int64_t r0 = n * p / parts, rows = n * (p + 1) / parts - r0;
+    at::Tensor a = at::gelu(h.narrow(0, r0, rows), approx), gc = g.narrow(0, r0, rows);  // [rows, Din], [rows, N]
+    if (to_fp32) {
+      a = a.to(at::kFloat);
+      gc = gc.to(at::kFloat);
+    }
+    for (int64_t c = 0; c < col_parts; ++c) {
+      const int64_t c0 = N * c / col_parts, cols = N * (c + 1) / col_parts - c0;
+      at::Tensor dst = acc.narrow(0, c0, cols);
+      if (p == 0) {
+        at::mm_out(dst, gc.narrow(1, c0, cols).t(), a);
+      } else {
+        dst.addmm_(gc.narrow(1, c0, cols).t(), a);
+      }
+    }
+  }
+  if (!acc.is_same(dw_e)) dw_e.copy_(acc);  // rounded once to the low-precision dtype
+}
+
+// (dw [E, N, Din], db [E, N]): per expert, grad_out^T @ a (a = x, or gelu(x) with approximate)
+// and grad_out's column sums; an unneeded one is an empty [0].
+//
+// Without GELU the tiles cut dw's N (grad_out's columns): each tile reduces over its expert's
+// rows for its columns of dw and of db, reading grad_out's tile once for both. With GELU, one
+// tile per expert (expert_wgrad_act) and db in the same tile. Cutting x's columns instead would
+// also compute each GELU once, but its [N, 128] products ran 1.25x slower (measured).
+std::tuple<at::Tensor, at::Tensor> weight_grad_impl(const char* op, const at::Tensor& x, const at::Tensor& grad_out,
+                                                    const at::Tensor& offsets,
+                                                    const c10::optional<std::string>& approximate, bool need_dw,
+                                                    bool need_db) {
   check_mm(op, x, "grad_out", grad_out);
   check_dim(op, "grad_out", grad_out, 2);
   TORCH_CHECK(grad_out.size(0) == x.size(0), "moe_kernels::", op, ": grad_out must have ", x.size(0),
@@ -181,49 +377,42 @@ at::Tensor grouped_mm_weight_grad_cpu(const at::Tensor& x, const at::Tensor& gra
   const int64_t E = offsets.size(0) - 1, M = x.size(0);
   TORCH_CHECK(E >= 1, "moe_kernels::", op, ": offsets must have at least 2 entries, got ", offsets.size(0));
   check_offsets_host(op, offsets, E, M);
+  if (approximate.has_value()) check_approximate(op, *approximate);
   const int64_t* o = offsets.data_ptr<int64_t>();
-  const int64_t N = grad_out.size(1);
-  auto dw = at::empty({E, N, x.size(1)}, x.options());
-  const bool to_fp32 = !lowp_native(x.scalar_type());
-  // Tiles over output columns: each keeps the whole reduction over the expert's rows.
-  const auto tiles = make_tiles(E, kColTile, [&](int64_t) { return N; });
+  const int64_t N = grad_out.size(1), Din = x.size(1);
+  auto dw = need_dw ? at::empty({E, N, Din}, x.options()) : at::empty({0}, x.options());
+  auto db = need_db ? at::empty({E, N}, x.options()) : at::empty({0}, x.options());
+  const at::ScalarType dtype = x.scalar_type();
+  const bool native = (dtype == at::kBFloat16 || dtype == at::kHalf) && lowp_native(dtype);
+  const bool to_fp32 = (dtype == at::kBFloat16 || dtype == at::kHalf) && !native;
+  const bool per_expert = approximate.has_value() && need_dw;
+  const int64_t width = per_expert ? N : native ? kColTileNative : kColTile;
+  const auto tiles = make_tiles(E, width, [&](int64_t) { return N; });
   for_each_tile(static_cast<int64_t>(tiles.size()), [&](int64_t i) {
     const Tile& t = tiles[i];
-    const int64_t n = o[t.e + 1] - o[t.e];
-    at::Tensor dst = dw.select(0, t.e).narrow(0, t.lo, t.hi - t.lo);
-    if (n == 0) {
-      dst.zero_();
-    } else if (x.scalar_type() == at::kFloat || to_fp32) {
-      // fp32 math: the reduction over the expert's rows in fixed chunks of at most kRowTile,
-      // summed in chunk order. One MKL sgemm over more than about 1,000 rows splits the
-      // reduction by the thread count (measured: 1 vs 2 threads differed from 1,100 rows), which
-      // would break the bitwise thread-count invariance of DESIGN.md 3.9; at most 512 rows a call
-      // it does not, and the extra accumulation is 1/512 of the FLOPs.
-      const int64_t parts = (n + kRowTile - 1) / kRowTile;
-      at::Tensor acc = x.scalar_type() == at::kFloat ? dst : at::empty(dst.sizes(), dst.options().dtype(at::kFloat));
-      for (int64_t p = 0; p < parts; ++p) {
-        const int64_t r0 = o[t.e] + n * p / parts, rows = n * (p + 1) / parts - n * p / parts;
-        at::Tensor g = grad_out.narrow(0, r0, rows).narrow(1, t.lo, t.hi - t.lo);  // [rows, cols]
-        at::Tensor a = x.narrow(0, r0, rows);                                       // [rows, Din]
-        if (to_fp32) {
-          // The expert's x rows are converted once per column tile: rows*Din against
-          // 2*rows*Din*128 FLOPs.
-          g = g.to(at::kFloat);
-          a = a.to(at::kFloat);
-        }
-        if (p == 0) {
-          at::mm_out(acc, g.t(), a);
-        } else {
-          acc.addmm_(g.t(), a);
-        }
-      }
-      if (!acc.is_same(dst)) dst.copy_(acc);  // rounded once to the low-precision dtype
-    } else {
-      // Native bf16/fp16 (the CPU's low-precision units; thread-count invariant as measured).
-      at::mm_out(dst, grad_out.narrow(0, o[t.e], n).narrow(1, t.lo, t.hi - t.lo).t(), x.narrow(0, o[t.e], n));
+    const int64_t r0 = o[t.e], n = o[t.e + 1] - r0, cols = t.hi - t.lo;
+    const at::Tensor g = grad_out.narrow(0, r0, n).narrow(1, t.lo, cols);  // [n, cols]
+    if (per_expert) {
+      expert_wgrad_act(dw.select(0, t.e), g, x.narrow(0, r0, n), *approximate, to_fp32, native);
+    } else if (need_dw) {
+      wgrad_tile(dw.select(0, t.e).narrow(0, t.lo, cols), g, x.narrow(0, r0, n), to_fp32, native);
     }
+    if (need_db) col_sums(db.select(0, t.e).narrow(0, t.lo, cols), g);
   });
-  return dw;
+  return {dw, db};
+}
+
+at::Tensor grouped_mm_weight_grad_cpu(const at::Tensor& x, const at::Tensor& grad_out, const at::Tensor& offsets) {
+  return std::get<0>(weight_grad_impl("grouped_mm_weight_grad", x, grad_out, offsets, c10::nullopt, true, false));
+}
+
+std::tuple<at::Tensor, at::Tensor> grouped_mm_weight_grad_fused_cpu(const at::Tensor& x, const at::Tensor& grad_out,
+                                                                    const at::Tensor& offsets,
+                                                                    c10::optional<c10::string_view> approximate,
+                                                                    bool need_dw, bool need_db) {
+  c10::optional<std::string> approx;
+  if (approximate.has_value()) approx = std::string(*approximate);
+  return weight_grad_impl("grouped_mm_weight_grad_fused", x, grad_out, offsets, approx, need_dw, need_db);
 }
 
 }  // namespace
@@ -238,4 +427,7 @@ TORCH_LIBRARY_FRAGMENT(moe_kernels_C, m) {
 TORCH_LIBRARY_IMPL(moe_kernels_C, CPU, m) {
   m.impl("grouped_mm", &moek::grouped_mm_cpu);
   m.impl("grouped_mm_weight_grad", &moek::grouped_mm_weight_grad_cpu);
+  m.impl("grouped_mm_act", &moek::grouped_mm_act_cpu);
+  m.impl("grouped_mm_act_grad", &moek::grouped_mm_act_grad_cpu);
+  m.impl("grouped_mm_weight_grad_fused", &moek::grouped_mm_weight_grad_fused_cpu);
 }

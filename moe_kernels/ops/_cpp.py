@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from moe_kernels import _ext
-from moe_kernels.backends import OPS, Support
+from moe_kernels.backends import FUSED_OPS, OPS, Support
 
 if not _ext.LOADED:
     raise ImportError(f"moe_kernels._C is not loaded: {_ext.LOAD_ERROR}")
@@ -34,9 +34,15 @@ def _cuda_requirements(device: torch.device) -> list[str]:
     return []
 
 
+def _has_cpu_kernels(ops: tuple[str, ...]) -> bool:
+    return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"moe_kernels_C::{n}", "CPU") for n in ops)
+
+
 SUPPORTS = {
-    # fp64 runs natively (fp64 accumulation), so gradcheck tests the kernels themselves.
-    "cpu": Support(devices=("cpu",), ops=_registered("CPU")),
+    # fp64 runs natively (fp64 accumulation), so gradcheck tests the kernels themselves. The CPU
+    # kernels fuse the expert MLP's GELU, GELU' and bias gradients into the GEMM tiles
+    # (backends.FUSED_OPS; csrc/cpu/grouped_mm.cpp); the CUDA ones do not.
+    "cpu": Support(devices=("cpu",), ops=_registered("CPU"), fused_epilogues=_has_cpu_kernels(FUSED_OPS)),
     "cuda": Support(devices=("cuda",), ops=_registered("CUDA"), requirements=_cuda_requirements),
 }
 
@@ -71,3 +77,19 @@ def grouped_mm(x: Tensor, w: Tensor, offsets: Tensor, bias: Tensor | None = None
 
 def grouped_mm_weight_grad(x: Tensor, grad_out: Tensor, offsets: Tensor) -> Tensor:
     return _ops.grouped_mm_weight_grad(x, grad_out, offsets)
+
+
+def grouped_mm_act(
+    x: Tensor, w: Tensor, offsets: Tensor, bias: Tensor | None, approximate: str, keep_pre: bool
+) -> tuple[Tensor, Tensor]:
+    return _ops.grouped_mm_act(x, w, offsets, bias, approximate, keep_pre)
+
+
+def grouped_mm_act_grad(grad: Tensor, w: Tensor, offsets: Tensor, pre: Tensor, approximate: str) -> Tensor:
+    return _ops.grouped_mm_act_grad(grad, w, offsets, pre, approximate)
+
+
+def grouped_mm_weight_grad_fused(
+    x: Tensor, grad_out: Tensor, offsets: Tensor, approximate: str | None, need_dw: bool, need_db: bool
+) -> tuple[Tensor, Tensor]:
+    return _ops.grouped_mm_weight_grad_fused(x, grad_out, offsets, approximate, need_dw, need_db)
