@@ -21,7 +21,9 @@ Stages (in order):
                layer under sync debug mode "error"), pinned configs to bound compile time
   microbench   triton.testing.do_bench, autotuned: grouped GEMM forward, dX and weight
                gradient vs torch._grouped_mm, a padded torch.bmm and a dense torch.mm of the
-               same FLOPs; dispatch/combine GB/s vs a copy of the same bytes
+               same FLOPs, forward and dX also without the sm_90 TMA kernel
+               (MOE_KERNELS_TRITON_TMA=0); a skewed weight gradient with and without row
+               chunks; dispatch/combine GB/s vs a copy of the same bytes
   layer        a MoEMlp training step (fwd+bwd, bf16 autocast) at the V-MoE-S/32 and B/16
                group shapes and an LLM-like shape vs a dense MLP of the same active FLOPs,
                with a profiler top-15 kernel table
@@ -462,6 +464,23 @@ def microbench_cases(dry_run: bool) -> list[dict]:
     ]
 
 
+def _tma_off(fn):
+    """``fn`` run with MOE_KERNELS_TRITON_TMA=0 (read at each launch)."""
+
+    def run():
+        old = os.environ.get("MOE_KERNELS_TRITON_TMA")
+        os.environ["MOE_KERNELS_TRITON_TMA"] = "0"
+        try:
+            return fn()
+        finally:
+            if old is None:
+                os.environ.pop("MOE_KERNELS_TRITON_TMA")
+            else:
+                os.environ["MOE_KERNELS_TRITON_TMA"] = old
+
+    return run
+
+
 def stage_microbench(args) -> None:
     import torch
 
@@ -504,6 +523,11 @@ def stage_microbench(args) -> None:
         wT = w.transpose(1, 2)
         attempt(name, "dx", "moe_kernels", lambda: _grouped_mm(g, wT, offsets, None, backend), flops=flops)
         attempt(name, "wgrad", "moe_kernels", lambda: _grouped_mm_weight_grad(x, g, offsets, backend), flops=flops)
+        if backend == "triton":  # the non-persistent kernel where sm_90 runs the TMA one
+            attempt(name, "fwd", "moe_kernels (no TMA)",
+                    _tma_off(lambda: mk.grouped_mm(x, w, offsets, backend=backend)), flops=flops)  # fmt: skip
+            attempt(name, "dx", "moe_kernels (no TMA)", _tma_off(lambda: _grouped_mm(g, wT, offsets, None, backend)),
+                    flops=flops)  # fmt: skip
         # torch's grouped GEMM (CUTLASS on sm_90): int32 end offsets; the second operand
         # column-major, the 2d-2d (weight gradient) form with a row-major first operand. The
         # layouts are made outside the timed region.
@@ -526,6 +550,22 @@ def stage_microbench(args) -> None:
         gemm_case(c)
         if device.type == "cuda":
             torch.cuda.empty_cache()
+
+    # The weight gradient with one expert holding 3/4 of the rows (V-MoE-B's fc1 widths): the
+    # row chunks (ops/_triton.py: wgrad_chunk) against the unchunked kernel (split=1).
+    if backend == "triton":
+        from moe_kernels.ops import _triton
+
+        sizes = [24576] + [1170] * 7
+        M, K, N = sum(sizes), 768, 3072
+        x = torch.randn(M, K, device=device, dtype=dtype)
+        g = torch.randn(M, N, device=device, dtype=dtype)
+        offsets = _grouped_offsets(sizes, device)
+        case = f"skewed E=8 M={M} K={K} N={N}"
+        for impl, split in (("moe_kernels (row chunks)", None), ("moe_kernels (unchunked)", 1)):
+            attempt(case, "wgrad", impl, lambda s=split: _triton.grouped_mm_weight_grad(x, g, offsets, split=s),
+                    flops=2.0 * M * K * N)  # fmt: skip
+        torch.cuda.empty_cache()
 
     # dispatch / combine: bytes moved vs a plain copy of the same bytes.
     T, D, E, K = (64, 32, 4, 2) if args.dry_run else (16384, 4096, 8, 2)
