@@ -122,6 +122,7 @@ def test_chunked_launch(monkeypatch):
     ((tgrid, targs, _),) = table.calls
     assert tgrid == (nch,) and targs[1] is sched and targs[5] == ch
     assert len(sums.calls) == 2 and sums.calls[0][1][1] is dw and sums.calls[1][1][1] is db
+    assert sums.calls[0][0] == (_triton.CHUNK_SUM_PROGRAMS, E)
 
 
 @not_in_child
@@ -167,7 +168,10 @@ def _reference(x, g, offsets, act):
 @in_child
 @pytest.mark.parametrize("dt", list(DTYPES))
 @pytest.mark.parametrize("sizes,pad,chunk,why", CASES, ids=[c[3] for c in CASES])
-def test_chunked_against_reference(sizes, pad, chunk, why, dt):
+def test_chunked_against_reference(sizes, pad, chunk, why, dt, monkeypatch):
+    # 3 programs of 128-element blocks: each partial-sum program loops over several blocks
+    monkeypatch.setattr(_triton, "CHUNK_SUM_BLOCK", 128)
+    monkeypatch.setattr(_triton, "CHUNK_SUM_PROGRAMS", 3)
     dtype, tol = DTYPES[dt]
     offsets = torch.tensor([0, *sizes]).cumsum(0)
     M = int(offsets[-1]) + pad

@@ -198,21 +198,25 @@ def _chunk_dw_program(X_ptr, G_ptr, DW_ptr, WS_ptr, Sched_ptr, t, c, N, KD, E, s
 
 @triton.jit
 def _chunk_sum_kernel(WS_ptr, Out_ptr, Exp_ptr, NUMEL, BLOCK: tl.constexpr):
-    """Grid ``(cdiv(NUMEL, BLOCK), E)``: program (p, e) owns elements ``[p*BLOCK, (p+1)*BLOCK)``
-    of out[e] (out [E, NUMEL], contiguous): when expert e has several chunks, the sum of their
-    fp32 partials ws[slot0], ws[slot0 + 1], ... (ws [slots, NUMEL]) in that order, rounded once;
+    """Grid ``(P, E)``: program (p, e) owns the BLOCK-element blocks p, p + P, ... of out[e]
+    (out [E, NUMEL], contiguous): when expert e has several chunks, the sum of their fp32
+    partials ws[slot0], ws[slot0 + 1], ... (ws [slots, NUMEL]) in that order, rounded once;
     zeros when it has no rows; nothing when it has one chunk (its programs stored it). Expert
-    e's chunk count and first slot are exp[e] ([E, 2], ``_chunk_table_kernel``)."""
+    e's chunk count and first slot are exp[e] ([E, 2], ``_chunk_table_kernel``). P is small
+    (the launcher's CHUNK_SUM_PROGRAMS at most): with a balanced load every expert has one
+    chunk and every program exits at once."""
     e = tl.program_id(1).to(tl.int64)
     count = tl.load(Exp_ptr + e * 2)
     slot0 = tl.load(Exp_ptr + e * 2 + 1)
     if count != 1:
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        ok = offs < NUMEL
-        acc = tl.zeros((BLOCK,), dtype=tl.float32)
-        for s in range(0, count.to(tl.int32)):
-            acc += tl.load(WS_ptr + (slot0 + s) * NUMEL + offs, mask=ok, other=0.0)
-        tl.store(Out_ptr + e * NUMEL + offs, acc.to(Out_ptr.dtype.element_ty), mask=ok)
+        step = tl.num_programs(0).to(tl.int64) * BLOCK
+        for start in range(tl.program_id(0).to(tl.int64) * BLOCK, NUMEL, step):
+            offs = start + tl.arange(0, BLOCK)
+            ok = offs < NUMEL
+            acc = tl.zeros((BLOCK,), dtype=tl.float32)
+            for s in range(0, count.to(tl.int32)):
+                acc += tl.load(WS_ptr + (slot0 + s) * NUMEL + offs, mask=ok, other=0.0)
+            tl.store(Out_ptr + e * NUMEL + offs, acc.to(Out_ptr.dtype.element_ty), mask=ok)
 
 
 # The weight gradient's candidates and pruning (every family; the launch's dtype, precision and

@@ -416,6 +416,10 @@ def wgrad_split(M: int, N: int, KD: int, E: int, configs: list, num_sms: int) ->
 CHUNK_MIN_ROWS = 1024
 # Chunk starts are multiples of this from the expert's first row (every BLOCK_M divides it).
 CHUNK_ALIGN = 128
+# Programs per expert of the partial-sum kernel (each loops over blocks of dW): with a
+# balanced load every expert has one chunk and they all exit at once, so few of them.
+CHUNK_SUM_PROGRAMS = 64
+CHUNK_SUM_BLOCK = 1024
 
 
 def wgrad_chunk(M: int, N: int, KD: int, E: int, configs: list, num_sms: int) -> int:
@@ -571,10 +575,11 @@ def _weight_grad_chunked(
         CHUNK_TABLE_KERNEL[(nch,)](offsets, sched, per_expert, M, E, chunk, num_warps=4)
         _launch_gemm("grouped_mm_weight_grad_chunked", grid, args, x.element_size(), wgrad=True,
                      pin="grouped_mm_weight_grad", candidates=candidates, **flags)  # fmt: skip
-        block = 1024
+        block = CHUNK_SUM_BLOCK
         for part, out, numel in ((ws, dw, N * KD), (dbws, db, N)):
             if part is not None:
-                CHUNK_SUM_KERNEL[(triton.cdiv(numel, block), E)](part, out, per_expert, numel, BLOCK=block, num_warps=4)
+                grid = (min(triton.cdiv(numel, block), CHUNK_SUM_PROGRAMS), E)
+                CHUNK_SUM_KERNEL[grid](part, out, per_expert, numel, BLOCK=block, num_warps=4)
 
 
 # The grouped GEMMs' kernels: (autotuned, plain @triton.jit, candidates), by the names
