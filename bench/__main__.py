@@ -4,9 +4,10 @@
   --json PATH     write {"device", "versions", "sgemm_gflops", "records": [...]} (default out/bench.json)
   --plot PATH     the plot of every implementation's time over the dense MLP's (default out/bench.png)
 
-The machine's fp32 matmul rate is measured in the same run (``sgemm_gflops``); every record has
-``gflops``, the useful FLOPs (``bench.suite.useful_flops``) over its median time, and the table
-reports each implementation as "x dense" and "% of sgemm".
+``BENCH_MALLOC=default`` times with glibc's default allocator settings instead of keeping freed
+memory (bench/_malloc.py). The machine's fp32 matmul rate is measured in the same run
+(``sgemm_gflops``); every record has ``gflops``, the useful FLOPs (``bench.suite.useful_flops``)
+over its median time, and the table reports each implementation as "x dense" and "% of sgemm".
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def main(argv=None) -> int:
     dtypes = args.dtypes or (["fp32"] if quick else ["fp32", "bf16"])
     cases = [c for c in MAIN_CASES if not args.cases or c.name in args.cases]
     t0 = time.time()
-    print(f"# moe_kernels benchmark on {device_name(device)}", flush=True)
+    print(f"# moe_kernels benchmark on {device_name(device)} (malloc: {_malloc.MODE}, BENCH_MALLOC)", flush=True)
     sgemm_gflops, sgemm_t = sgemm(device, args.sgemm_n)
     print(
         f"# sgemm ({args.sgemm_n}^3, fp32): {sgemm_gflops:.1f} GFLOP/s"

@@ -8,14 +8,21 @@ reused, as a GPU caching allocator (or jemalloc/tcmalloc) reuses it, and after w
 faults no pages. Every implementation is timed under the same setting. (Peak memory is counted
 from the profiler's allocation events, which this does not change.)
 
-A no-op where glibc is absent.
+A no-op where glibc is absent, and with ``BENCH_MALLOC=default``: then glibc's defaults stay, as
+users run (the effect of the allocator on a step is measured that way: docs/layers.md, "Speed on
+the CPU").
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
 
 M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
+
+MODE = os.environ.get("BENCH_MALLOC", "steady")
+if MODE not in ("steady", "default"):
+    raise ValueError(f"BENCH_MALLOC must be 'steady' or 'default', got {MODE!r}")
 
 try:
     _libc = ctypes.CDLL("libc.so.6")
@@ -25,13 +32,13 @@ except (OSError, AttributeError):
 
 
 def steady() -> None:
-    if _libc is not None:
+    if _libc is not None and MODE == "steady":
         _libc.mallopt(M_MMAP_MAX, 0)
         _libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
 
 
 def init() -> None:
     """One arena (the autograd thread shares the main heap), then ``steady()``."""
-    if _libc is not None:
+    if _libc is not None and MODE == "steady":
         _libc.mallopt(M_ARENA_MAX, 1)
     steady()

@@ -268,6 +268,7 @@ def run_meta(device, sgemm_gflops: float, sgemm_t, sgemm_n: int, *, quick: bool,
         "device": device_name(device),
         "versions": versions(),
         "threads": torch.get_num_threads(),
+        "malloc": _malloc.MODE,
         "sgemm_gflops": round(sgemm_gflops, 2),
         "sgemm": {
             "n": sgemm_n,

@@ -10,6 +10,7 @@ runnable by several backends (``backends``).
 from moe_kernels import _ext, backends, distributed, losses, reference, routers  # noqa: F401  (_ext loads _C)
 from moe_kernels.convert import aux_loss, moeify
 from moe_kernels.layers import MoEMlp
+from moe_kernels.memory import cpu_cache_info, empty_cpu_cache, set_cpu_cache_limit
 from moe_kernels.ops import Routing, combine, compute_capacity, dispatch, grouped_mm, make_routing, topk_softmax
 from moe_kernels.routers import ExpertChoiceRouter, NoisyTopKRouter, PerImageRouter, RouterOutput
 from moe_kernels.soft_moe import SoftMoEMlp
@@ -30,8 +31,10 @@ __all__ = [
     "backends",
     "combine",
     "compute_capacity",
+    "cpu_cache_info",
     "dispatch",
     "distributed",
+    "empty_cpu_cache",
     "grouped_mm",
     "losses",
     "make_routing",
@@ -39,5 +42,6 @@ __all__ = [
     "reference",
     "routers",
     "routing_stats",
+    "set_cpu_cache_limit",
     "topk_softmax",
 ]

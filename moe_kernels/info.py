@@ -36,6 +36,8 @@ def report() -> str:
     if _ext.LOADED:
         lines.append(f"_C build           {_ext.build_info()}")
         lines.append(f"_C CUDA kernels    {'built' if _ext.cuda_kernels_built() else 'not built'}")
+        limit = moe_kernels.cpu_cache_info()["limit_bytes"] // 2**20
+        lines.append(f"CPU block cache    up to {limit} MiB of freed blocks kept (MOE_KERNELS_CPU_CACHE_MB)")
     lines.append(f"{backends.ENV_VAR}: {os.environ.get(backends.ENV_VAR, 'auto (unset)')}")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for dev in devices:

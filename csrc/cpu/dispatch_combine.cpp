@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "../checks.h"
+#include "buffer_cache.h"
 
 namespace moek {
 namespace {
@@ -34,7 +35,7 @@ at::Tensor dispatch_cpu(const at::Tensor& x_in, const at::Tensor& rows, const at
   const auto x = x_in.contiguous();
   const auto row_src = row_src_in.contiguous();
   const int64_t T = x.size(0), D = x.size(1), K = rows.size(1), R = row_src.size(0);
-  auto out = at::empty({R, D}, x.options());
+  auto out = cpu_empty({R, D}, x.options());
   const auto w = acc_weights(weights, x.scalar_type());
   const int64_t* src = row_src.data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dispatch_cpu", [&] {
@@ -77,7 +78,7 @@ at::Tensor combine_cpu(const at::Tensor& y_in, const at::Tensor& rows_in, const 
   const int64_t T = rows.size(0), K = rows.size(1), D = y.size(1), R = y.size(0);
   TORCH_CHECK(row_src.size(0) == R, "moe_kernels::", op, ": y must have row_src.shape[0]=", row_src.size(0),
               " rows, got shape ", shape_str(y));
-  auto out = at::empty({T, D}, y.options());
+  auto out = cpu_empty({T, D}, y.options());
   const auto w = acc_weights(weights, y.scalar_type());
   const int64_t* rp = rows.data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "combine_cpu", [&] {

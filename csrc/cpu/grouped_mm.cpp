@@ -36,6 +36,7 @@
 #endif
 
 #include "../checks.h"
+#include "buffer_cache.h"
 
 namespace moek {
 namespace {
@@ -214,7 +215,7 @@ at::Tensor grouped_mm_cpu(const at::Tensor& x, const at::Tensor& w, const at::Te
   const int64_t E = check_forward(op, x, w, offsets);
   check_bias(op, x, bias, E, w.size(1));
   const int64_t* o = offsets.data_ptr<int64_t>();
-  auto out = at::empty({x.size(0), w.size(1)}, x.options());
+  auto out = cpu_empty({x.size(0), w.size(1)}, x.options());
   forward_tiles(x, w, o, bias, out, [](int64_t, int64_t) {});
   zero_padding(out, o[E]);
   return out;
@@ -235,8 +236,8 @@ std::tuple<at::Tensor, at::Tensor> grouped_mm_act_cpu(const at::Tensor& x, const
   check_approximate(op, approx);
   const int64_t M = x.size(0), N = w.size(1);
   const int64_t* o = offsets.data_ptr<int64_t>();
-  auto y = at::empty({M, N}, x.options());
-  auto pre = at::empty({keep_pre ? M : 0, N}, x.options());
+  auto y = cpu_empty({M, N}, x.options());
+  auto pre = cpu_empty({keep_pre ? M : 0, N}, x.options());
   forward_tiles(x, w, o, bias, keep_pre ? pre : y, [&](int64_t r0, int64_t n) {
     at::Tensor yt = y.narrow(0, r0, n);
     if (keep_pre) {
@@ -263,7 +264,7 @@ at::Tensor grouped_mm_act_grad_cpu(const at::Tensor& grad, const at::Tensor& w, 
   TORCH_CHECK(pre.dim() == 2 && pre.size(0) == M && pre.size(1) == N, "moe_kernels::", op,
               ": pre must have shape [M=", M, ", N=", N, "] (grad's rows, w's N), got ", shape_str(pre));
   const int64_t* o = offsets.data_ptr<int64_t>();
-  auto out = at::empty({M, N}, grad.options());
+  auto out = cpu_empty({M, N}, grad.options());
   forward_tiles(grad, w, o, c10::nullopt, out, [&](int64_t r0, int64_t n) {
     at::Tensor t = out.narrow(0, r0, n);
     at::gelu_backward_out(t, t, pre.narrow(0, r0, n), approx);  // elementwise, in place
@@ -380,8 +381,8 @@ std::tuple<at::Tensor, at::Tensor> weight_grad_impl(const char* op, const at::Te
   if (approximate.has_value()) check_approximate(op, *approximate);
   const int64_t* o = offsets.data_ptr<int64_t>();
   const int64_t N = grad_out.size(1), Din = x.size(1);
-  auto dw = need_dw ? at::empty({E, N, Din}, x.options()) : at::empty({0}, x.options());
-  auto db = need_db ? at::empty({E, N}, x.options()) : at::empty({0}, x.options());
+  auto dw = need_dw ? cpu_empty({E, N, Din}, x.options()) : at::empty({0}, x.options());
+  auto db = need_db ? cpu_empty({E, N}, x.options()) : at::empty({0}, x.options());
   const at::ScalarType dtype = x.scalar_type();
   const bool native = (dtype == at::kBFloat16 || dtype == at::kHalf) && lowp_native(dtype);
   const bool to_fp32 = (dtype == at::kBFloat16 || dtype == at::kHalf) && !native;
