@@ -196,3 +196,27 @@ def test_errors_name_the_argument():
         ops.grouped_mm_weight_grad_fused(h, gy, torch.tensor([0, 9, 4, 12, 13]), None, True, True)
     with pytest.raises(RuntimeError, match=r"grouped_mm_act: w must have the dtype of x"):
         ops.grouped_mm_act(x, w1.double(), offsets, None, "none", True)
+
+
+def test_backward_fills_no_zero_gradient_for_the_saved_activation():
+    """gelu_mlp's second output (h, kept for the backward) gets no gradient: the engine must not
+    materialise a zero [M, H] for it every step (it did: 36 MB at V-MoE-B/16)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    offsets, x, w1, b1, w2, gy = _operands(torch.float32)
+    H = w1.shape[1]
+    made = []
+
+    class Fills(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if "zero" in str(func) and isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[1] == H:
+                made.append((str(func), tuple(out.shape)))
+            return out
+
+    leaves = [t.clone().requires_grad_() for t in (x, w1, b1, w2)]
+    y = mk.ops.gelu_mlp(leaves[0], leaves[1], leaves[3], offsets, bias1=leaves[2], backend="cpu")
+    with Fills():
+        y.backward(gy)
+    assert made == []
+    assert all(t.grad is not None for t in leaves)
