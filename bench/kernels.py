@@ -6,7 +6,8 @@ config the launcher can pick on that architecture (forward, dX, weight gradient,
 gradient split over rows and its partial-sum kernel, the weight gradient over row chunks and its
 chunk-table and chunk-sum kernels, and the fused variants of ``FUSED``: GELU
 in fc1's epilogue, GELU' in fc2's dX epilogue, GELU on the weight gradient's operand load, bias
-gradients; the persistent TMA forward and dX of ``kernels/grouped_mm_tma.py``, sm_90 only;
+gradients; the persistent TMA forward and dX of ``kernels/grouped_mm_tma.py`` (plain and with the GELU
+epilogues), sm_90 only;
 fp16/bf16 on tensor cores, fp32 with IEEE products as the router runs, and with TF32 products for
 the TMA kernels, which the launcher never gives IEEE fp32) ahead of time
 and reports one record per kernel and config: ``kernel, config, arch, n_regs, n_spills,
@@ -136,12 +137,14 @@ def gemm_signature(kind: str, dt: str) -> tuple:
     if kind in TMA_KINDS:  # the persistent TMA kernel: dX reads w's storage [E, KD, N] (W_T)
         from moe_kernels.kernels import grouped_mm_tma as gmt
 
-        sig = dict(X_ptr=f"*{dt}", W_ptr=f"*{dt}", Y_ptr=f"*{dt}", Off_ptr="*i64", B_ptr=f"*{dt}", M=i32, N=i32,
-                   KD=i32, E=i32, M_BUCKET=i32, stride_xm=i32, stride_we=i32, stride_w1=i32, stride_ym=i32,
-                   stride_be=i32)  # fmt: skip
-        div = ["X_ptr", "W_ptr", "Y_ptr", "Off_ptr", "B_ptr", "N", "KD", "M_BUCKET", "stride_xm", "stride_we",
-               "stride_w1", "stride_ym", "stride_be"]  # fmt: skip
-        const = dict(stride_yn=1, stride_bn=1, W_T=kind == "dx_tma", HAS_BIAS=True)
+        sig = dict(X_ptr=f"*{dt}", W_ptr=f"*{dt}", Y_ptr=f"*{dt}", Off_ptr="*i64", B_ptr=f"*{dt}", AUX_ptr=f"*{dt}",
+                   M=i32, N=i32, KD=i32, E=i32, M_BUCKET=i32, stride_xm=i32, stride_we=i32, stride_w1=i32,
+                   stride_ym=i32, stride_be=i32, stride_am=i32)  # fmt: skip
+        div = ["X_ptr", "W_ptr", "Y_ptr", "Off_ptr", "B_ptr", "AUX_ptr", "N", "KD", "M_BUCKET", "stride_xm",
+               "stride_we", "stride_w1", "stride_ym", "stride_be", "stride_am"]  # fmt: skip
+        epilogue = TMA_KINDS[kind]
+        has_bias = epilogue["EPILOGUE"] != 3  # fc2's dX has no bias
+        const = dict(stride_yn=1, stride_bn=1, stride_an=1, W_T=kind.startswith("dx"), HAS_BIAS=has_bias, **epilogue)
         return gmt._grouped_mm_tma_kernel, sig, const, div
     if kind in FUSED:
         base, extra = FUSED[kind]
@@ -224,7 +227,15 @@ def config_id(cfg) -> str:
 
 # The persistent TMA forward and dX (kernels/grouped_mm_tma.py), compiled for sm_90 only: the
 # launcher runs them on compute capability 9.0+ alone.
-TMA_KINDS = ("forward_tma", "dx_tma")
+# kind -> its epilogue: plain, fc1's GELU keeping the pre-activation, fc2's dX times GELU'.
+TMA_KINDS = {
+    "forward_tma": dict(EPILOGUE=0, ACT=0),
+    "dx_tma": dict(EPILOGUE=0, ACT=0),
+    "forward_gelu_tma": dict(EPILOGUE=2, ACT=1),
+    "forward_gelu_tanh_tma": dict(EPILOGUE=2, ACT=2),
+    "dx_gelu_tma": dict(EPILOGUE=3, ACT=1),
+    "dx_gelu_tanh_tma": dict(EPILOGUE=3, ACT=2),
+}
 KINDS = ("forward", "dx", "weight_grad", "weight_grad_split", "weight_grad_chunked", *FUSED, *TMA_KINDS)
 
 

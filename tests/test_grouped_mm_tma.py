@@ -8,8 +8,8 @@ Three parts:
   each loops over several schedule entries: the forward and dX against the reference at
   expert boundaries inside a tile, empty experts, every assignment dropped, one expert taking
   everything, skewed dropless and routed capacity buffers of G > 1 groups; bits independent
-  of the padding, of the other experts' sizes and of the number of programs; layouts TMA
-  cannot read falling back to the non-persistent kernel. fp32 (with TF32 allowed: IEEE fp32
+  of the padding, of the other experts' sizes and of the number of programs; the fused GELU
+  epilogues; layouts TMA cannot read falling back to the non-persistent kernel. fp32 (with TF32 allowed: IEEE fp32
   runs the other kernel) and fp16; the interpreter's bf16 is wrong.
 - compiled for sm_90 (``triton.compile``, no GPU): every config of the autotune list (the
   first by default, all with ``MOE_KERNELS_COMPILE_ALL=1``) with TMA loads (UTMALDG) and wgmma
@@ -174,10 +174,55 @@ def test_bits_independent_of_padding_neighbours_and_programs(dt, launches, monke
 
 
 @in_child
+@dtypes
+@pytest.mark.parametrize("pin", [None, "grouped_mm_tma=128x256x64:8:1"], ids=["32x32", "128x256-sliced"])
+def test_fused_epilogues(dt, pin, launches, monkeypatch):
+    """fc1's GELU (keeping the pre-activation, or not) and fc2's dX times GELU' in the TMA
+    kernel's epilogue, both GELU forms, against the unfused ops and the non-persistent
+    kernel. Pinned to 128x256 tiles (under the interpreter
+    too), the epilogue runs on 8 column slices of 4096 elements; N = 296 leaves a partial
+    column block and expert 1's rows end inside a tile."""
+    import torch.nn.functional as F
+
+    if pin:
+        monkeypatch.setenv("MOE_KERNELS_TRITON_CONFIG", pin)
+    dtype, tol = DTYPES[dt]
+    Din, N = 40, 296  # 296 fp16 = 592 bytes: rows TMA can read (300 would fall back)
+    x, offsets = _layout([5, 140, 19], 7, Din, dtype)
+    E, M = 3, x.shape[0]
+    w, b = (torch.randn(E, N, Din) / Din**0.5).to(dtype), torch.randn(E, N).to(dtype)
+    for approx in ("none", "tanh"):
+        launches.clear()
+        y, pre = _triton.grouped_mm_act(x, w, offsets, b, approx, True)
+        y_eval, _ = _triton.grouped_mm_act(x, w, offsets, b, approx, False)
+        g = torch.randn(M, N).to(dtype)
+        h = (3 * torch.randn(M, Din)).to(dtype)
+        gh = _triton.grouped_mm_act_grad(g, w.transpose(1, 2), offsets, h, approx)
+        assert [name for name, _ in launches] == ["grouped_mm_tma"] * 3, launches
+        torch.testing.assert_close(pre, reference.grouped_mm(x, w, offsets, b), atol=tol, rtol=tol)
+        torch.testing.assert_close(y, F.gelu(pre.float(), approximate=approx).to(dtype), atol=tol, rtol=tol)
+        assert torch.equal(y, y_eval), "EPI_ACT and EPI_ACT_SAVE give the same activation"
+        end = int(offsets[-1])
+        assert not y[end:].any() and not pre[end:].any() and not gh[end:].any()
+        dx = reference.grouped_mm(g.double(), w.transpose(1, 2).double(), offsets)
+        want = torch.ops.aten.gelu_backward(dx, h.double(), approximate=approx)
+        torch.testing.assert_close(gh.double(), want, atol=tol * 4, rtol=tol * 4)
+        if pin is None:  # the non-persistent kernel with the same 32x32x32 tile
+            # (not bitwise: the interpreter's numpy matmul of a transposed w tile may add
+            # in another order)
+            monkeypatch.setenv(_triton.TMA_ENV, "0")
+            old_y = _triton.grouped_mm_act(x, w, offsets, b, approx, True)[0]
+            old_gh = _triton.grouped_mm_act_grad(g, w.transpose(1, 2), offsets, h, approx)
+            monkeypatch.setenv(_triton.TMA_ENV, "1")
+            torch.testing.assert_close(y, old_y, atol=tol, rtol=tol)
+            torch.testing.assert_close(gh, old_gh, atol=tol, rtol=tol)
+
+
+@in_child
 def test_layouts_tma_cannot_read_fall_back(launches):
     """Strides TMA cannot use (an inner stride not 1, a row stride not a multiple of 16 bytes,
-    neither of w's last two strides 1), IEEE fp32 and fused epilogues run the non-persistent
-    kernel, with the same results as the reference."""
+    neither of w's last two strides 1) and IEEE fp32 run the non-persistent kernel, with the
+    same results as the reference."""
     E, Din, N = 2, 24, 16
     offsets = torch.tensor([0, 7, 20])
     x = torch.randn(20, Din)
@@ -200,9 +245,6 @@ def test_layouts_tma_cannot_read_fall_back(launches):
     finally:
         torch.backends.cuda.matmul.allow_tf32 = True
     assert [name for name, _ in launches] == ["grouped_mm"], "IEEE fp32"
-    launches.clear()
-    _triton.grouped_mm_act(x, w, offsets, None, "none", True)
-    assert [name for name, _ in launches] == ["grouped_mm"], "fused GELU epilogue"
 
 
 # ------------------------------------------------------------------ the launcher's choice (CPU)
@@ -223,7 +265,6 @@ def test_tma_reasons(monkeypatch):
     assert _triton.tma_reasons(x, w, _dot()) == []
     assert _triton.tma_reasons(x, w.transpose(1, 2), _dot()) == [], "dX's transposed view: W_T"
     assert _triton.tma_reasons(x, w, _dot(ieee=True)), "IEEE fp32 products"
-    assert _triton.tma_reasons(x, w, _dot(), epilogue=1), "fused epilogue"
     assert _triton.tma_reasons(torch.randn(8, 64, dtype=torch.float16)[:, ::2], w, _dot()), "x inner stride"
     assert _triton.tma_reasons(torch.randn(8, 33, dtype=torch.float16)[:, :32], w, _dot()), "x row stride 66 B"
     assert _triton.tma_reasons(x, torch.randn(2, 16, 33, dtype=torch.float16)[:, :, :32], _dot()), "w row stride"

@@ -279,11 +279,11 @@ def _forward(x: Tensor, w: Tensor, offsets: Tensor, bias: Tensor | None, *, epil
 
     dot = _dot_options(x.dtype)
     b = bias if bias is not None else out  # placeholder pointer, unread without HAS_BIAS
-    if not tma_reasons(x, w, dot, epilogue):
-        _forward_tma(x, w, out, offsets, b, bias is not None, dot)
+    a = aux if aux is not None and aux.numel() else out  # placeholder pointer, untouched by EPI_NONE/EPI_ACT
+    if not tma_reasons(x, w, dot):
+        _forward_tma(x, w, out, offsets, b, a, dot, HAS_BIAS=bias is not None, EPILOGUE=epilogue, ACT=act)
         return out
     candidates = _gm.fwd_configs(x.element_size() == 4 and dot["INPUT_PRECISION"] == "ieee")
-    a = aux if aux is not None and aux.numel() else out  # placeholder pointer, untouched by EPI_NONE/EPI_ACT
     args = (
         x, w, out, offsets, b, a, M, N, KD, E, _config.m_bucket(M),
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2), out.stride(0), out.stride(1),
@@ -309,7 +309,7 @@ def _tma_aligned(t: Tensor, *strides: int) -> bool:
     return t.data_ptr() % 16 == 0 and all((s * es) % 16 == 0 for s in strides)
 
 
-def tma_reasons(x: Tensor, w: Tensor, dot: dict, epilogue: int = 0) -> list[str]:
+def tma_reasons(x: Tensor, w: Tensor, dot: dict) -> list[str]:
     """Why the persistent TMA kernel cannot run the forward/dX ``x [M, KD] @ w[e].T`` (``w``
     [E, N, KD], any strides) with ``dot`` (``_dot_options``); empty when it can."""
     mode = os.environ.get(TMA_ENV, "auto").strip() or "auto"
@@ -323,8 +323,6 @@ def tma_reasons(x: Tensor, w: Tensor, dot: dict, epilogue: int = 0) -> list[str]
             reasons.append("TMA needs compute capability 9.0+ (sm_80 runs the non-persistent kernel)")
     elif not (mode == "1" and _config.interpreting()):
         reasons.append(f"CPU tensors run it only under the interpreter with {TMA_ENV}=1")
-    if epilogue:
-        reasons.append("the fused GELU epilogues run in the non-persistent kernel")
     if dot["INPUT_PRECISION"] == "ieee" and not dot["DOT_FP32"]:
         reasons.append("fp32 with IEEE products runs the non-persistent kernel's FMA configs")
     if x.shape[1] == 0:
@@ -354,9 +352,11 @@ def _ensure_allocator() -> None:
         triton.set_allocator(_tma_workspace)
 
 
-def _forward_tma(x: Tensor, w: Tensor, out: Tensor, offsets: Tensor, b: Tensor, has_bias: bool, dot: dict) -> None:
+def _forward_tma(x: Tensor, w: Tensor, out: Tensor, offsets: Tensor, b: Tensor, a: Tensor, dot: dict,
+                 **constexprs) -> None:  # fmt: skip
     """The persistent TMA kernel for a launch ``tma_reasons`` allows: ``w`` read as stored
-    (W_T when its reduction dimension is the strided one, as dX's transposed view)."""
+    (W_T when its reduction dimension is the strided one, as dX's transposed view); bias
+    ``b``, aux ``a`` and the epilogue in ``constexprs`` as for the other kernel."""
     M, KD = x.shape
     E, N, _ = w.shape
     w_t = w.stride(2) != 1
@@ -367,13 +367,14 @@ def _forward_tma(x: Tensor, w: Tensor, out: Tensor, offsets: Tensor, b: Tensor, 
         return (min(num_sms, (triton.cdiv(M, meta["BLOCK_M"]) + E) * triton.cdiv(N, meta["BLOCK_N"])),)
 
     args = (
-        x, w, out, offsets, b, M, N, KD, E, _config.m_bucket(M), x.stride(0), w.stride(0),
+        x, w, out, offsets, b, a, M, N, KD, E, _config.m_bucket(M), x.stride(0), w.stride(0),
         w.stride(2) if w_t else w.stride(1), out.stride(0), out.stride(1), b.stride(0), b.stride(1),
+        a.stride(0), a.stride(1),
     )  # fmt: skip
     with _on_device(x):
         if x.is_cuda:
             _ensure_allocator()
-        _launch_gemm("grouped_mm_tma", grid, args, x.element_size(), wgrad=False, W_T=w_t, HAS_BIAS=has_bias, **dot)
+        _launch_gemm("grouped_mm_tma", grid, args, x.element_size(), wgrad=False, W_T=w_t, **constexprs, **dot)
 
 
 # The weight gradient's grid is (dW tiles) x E programs, 6-12 for the router (E=1, N=32,
