@@ -270,6 +270,7 @@ def test_tma_reasons(monkeypatch):
     assert _triton.tma_reasons(x, torch.randn(2, 16, 33, dtype=torch.float16)[:, :, :32], _dot()), "w row stride"
     assert _triton.tma_reasons(x, torch.randn(2, 32, 64, dtype=torch.float16)[:, ::2, ::2], _dot()), "w strides"
     assert _triton.tma_reasons(torch.randn(8, 0, dtype=torch.float16), w[:, :, :0], _dot()), "KD = 0"
+    assert _triton.tma_reasons(x, w[:0], _dot()), "E = 0"
     monkeypatch.setenv(_triton.TMA_ENV, "0")
     assert _triton.tma_reasons(x, w, _dot()) == [f"{_triton.TMA_ENV}=0"]
     monkeypatch.setenv(_triton.TMA_ENV, "yes")

@@ -325,8 +325,8 @@ def tma_reasons(x: Tensor, w: Tensor, dot: dict) -> list[str]:
         reasons.append(f"CPU tensors run it only under the interpreter with {TMA_ENV}=1")
     if dot["INPUT_PRECISION"] == "ieee" and not dot["DOT_FP32"]:
         reasons.append("fp32 with IEEE products runs the non-persistent kernel's FMA configs")
-    if x.shape[1] == 0:
-        reasons.append("KD = 0: nothing to load")
+    if x.shape[1] == 0 or w.shape[0] == 0:
+        reasons.append("KD = 0 or E = 0: TMA boxes need every dimension >= 1")
     if x.stride(1) != 1 or not _tma_aligned(x, x.stride(0)):
         reasons.append("x: TMA needs inner stride 1 and a 16-byte aligned base and row stride")
     if not (w.stride(2) == 1 and _tma_aligned(w, w.stride(0), w.stride(1))
