@@ -45,17 +45,29 @@ DTYPES = {"f32": (torch.float32, 1e-5), "f16": (torch.float16, 2e-3)}
 dtypes = pytest.mark.parametrize("dt", list(DTYPES), ids=list(DTYPES))
 
 
-@not_in_child
-def test_tma_interpreter_suite():
-    """This module's interpreter cases in a child process (~1 min on one core)."""
+def _run_child(paths: list[str]) -> None:
     env = dict(os.environ, TRITON_INTERPRET="1", MOE_KERNELS_BACKEND="triton", MOE_KERNELS_TRITON_TMA="1")
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__)]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *paths]
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     tail = (proc.stdout[-6000:] + "\n" + proc.stderr[-3000:]).strip()
-    assert proc.returncode == 0, f"interpreter run failed after {time.perf_counter() - start:.0f}s:\n{tail}"
+    assert proc.returncode == 0, f"interpreter run of {paths} failed after {time.perf_counter() - start:.0f}s:\n{tail}"
     assert " passed" in proc.stdout, tail
+
+
+@not_in_child
+def test_tma_interpreter_suite():
+    """This module's interpreter cases in a child process (~1 min on one core)."""
+    _run_child([os.path.abspath(__file__)])
+
+
+@not_in_child
+def test_op_suites_with_tma():
+    """The grouped GEMM's op tests and the fused expert MLP's interpreter cases (launchers,
+    ``gelu_mlp``, ``MoEMlp`` with every gradient) with the TMA kernel allowed on the
+    interpreter's CPU tensors: fp16/bf16 launches with TMA-readable rows run it (~40 s)."""
+    _run_child([os.path.join(ROOT, "tests", "test_grouped_mm.py"), os.path.join(ROOT, "tests", "test_fused_gelu.py")])
 
 
 class _Spy:
