@@ -77,6 +77,13 @@ class Support:
         fused_epilogues: it implements ``FUSED_OPS`` too (GELU in the GEMM epilogue or on the
             operand load, GELU's derivative in dX's epilogue, bias gradients as row sums in
             the weight-gradient pass).
+        fused_mlp: with fused epilogues, the expert MLP runs as one autograd op
+            (``ops.gelu_mlp``: GELU in fc1's epilogue, so gelu(h) is written once and never
+            re-read); without it the pair ``grouped_mm`` -> ``gelu_grouped_mm`` runs (two
+            autograd nodes, whose backward frees h before fc1's weight gradient is allocated)
+            with the fused backward pieces. Triton declares it; the CPU kernels do not (GELU
+            on a tile is no cheaper there than a pass over [M, H], and the one node kept h
+            alive through fc1's backward: +36 MB peak at V-MoE-B/16, measured).
         requirements: ``requirements(device) -> reasons`` for preconditions beyond the device
             type (a library that did not load, an interpreter that is off).
     """
@@ -87,6 +94,7 @@ class Support:
     fp64: str = "native"
     fused_bias: bool = True
     fused_epilogues: bool = False
+    fused_mlp: bool = False
     requirements: Callable[[torch.device], list[str]] = lambda device: []
 
 
@@ -200,6 +208,14 @@ def fused(op: str, backend: str, device: torch.device, dtype: torch.dtype) -> Ca
     if isinstance(sup, str) or not sup.fused_epilogues:
         return None
     return getattr(_module(name), op)
+
+
+def fuses_mlp(backend: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the backend that runs ``grouped_mm`` for ``device`` and ``dtype`` runs the expert
+    MLP as one fused op (``Support.fused_mlp``, with fused epilogues)."""
+    if fused("grouped_mm_act", backend, device, dtype) is None:
+        return False
+    return support(choose("grouped_mm", backend, device, dtype)[0]).fused_mlp
 
 
 def available(device: torch.device | str = "cpu") -> dict[str, list[str]]:

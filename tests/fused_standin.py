@@ -36,7 +36,7 @@ STEERING = {"grouped_mm_act": 2, "grouped_mm_act_grad": 1, "grouped_mm_weight_gr
 
 
 def fused_torch(monkeypatch) -> list[tuple]:
-    """Declare the ``torch`` backend fused (its fp64 too); returns the list of recorded calls
+    """Declare the ``torch`` backend fused, its expert MLP one op (its fp64 too); returns the list of recorded calls
     ``(op, steering arguments)``."""
     assert set(IMPLS) == set(backends.FUSED_OPS)
     calls: list[tuple] = []
@@ -54,5 +54,12 @@ def fused_torch(monkeypatch) -> list[tuple]:
 
         return recorded
 
+    real_mlp = backends.fuses_mlp
+
+    def fuses_mlp(backend, device, dtype):  # and its expert MLP one op (Support.fused_mlp)
+        name, _ = backends.choose("grouped_mm", backend, device, dtype)
+        return True if name == "torch" else real_mlp(backend, device, dtype)
+
     monkeypatch.setattr(backends, "fused", fused)
+    monkeypatch.setattr(backends, "fuses_mlp", fuses_mlp)
     return calls

@@ -218,6 +218,7 @@ def test_fused_epilogues_are_declared():
         sup = backends.support(name)
         if not isinstance(sup, str):
             assert sup.fused_epilogues == (name in ("triton", "cpu")), name
+            assert sup.fused_mlp == (name == "triton"), name
     assert backends.fused("grouped_mm_act", "torch", torch.device("cpu"), torch.float32) is None
     if not isinstance(backends.support("cpu"), str):
         from moe_kernels.ops import _cpp

@@ -47,6 +47,7 @@ SUPPORTS = {
         dtypes=(torch.float32, torch.float16, torch.bfloat16),
         fp64="reference",
         fused_epilogues=True,
+        fused_mlp=True,
         requirements=_requirements,
     )
 }

@@ -300,10 +300,10 @@ _gelu_mlp.register_autograd(_mlp_backward, setup_context=_mlp_setup)
 
 
 @torch.compiler.assume_constant_result
-def _fuses_epilogues(backend: str, device: torch.device, dtype: torch.dtype) -> bool:
+def _fuses_mlp(backend: str, device: torch.device, dtype: torch.dtype) -> bool:
     # A constant for torch.compile: the backend decision imports modules and reads caches,
     # which Dynamo does not trace; tensors of a device and dtype always get the same answer.
-    return backends.fused("grouped_mm_act", backend, device, dtype) is not None
+    return backends.fuses_mlp(backend, device, dtype)
 
 
 def gelu_mlp(
@@ -319,9 +319,11 @@ def gelu_mlp(
 ) -> Tensor:
     """The expert MLP with a plain GELU between its matmuls:
     ``gelu_grouped_mm(grouped_mm(x, w1, offsets, bias=bias1), w2, offsets, bias=bias2,
-    approximate=approximate)``, which is exactly what runs unless the backend declares fused
-    epilogues (then one op, above; the same result up to rounding: one rounding less in GELU's
-    input gradient, and Triton's erf/tanh against torch's).
+    approximate=approximate)``, which is what runs unless the backend declares a fused MLP
+    (``Support.fused_mlp``: Triton; then one op, above; the same result up to rounding: one
+    rounding less in GELU's input gradient, and Triton's erf/tanh against torch's). The pair's
+    backward uses the backend's fused backward pieces where it declares fused epilogues (the
+    CPU kernels).
 
     Args:
         x: ``[M, D]`` rows grouped by expert (fp32/fp16/bf16, fp64 for gradcheck).
@@ -339,7 +341,7 @@ def gelu_mlp(
         raise ValueError(f"{op}: approximate must be 'none' or 'tanh', got {approximate!r}")
     name = backends.requested_backend(backend)
     check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES, op=op)
-    if not _fuses_epilogues(name, x.device, x.dtype):
+    if not _fuses_mlp(name, x.device, x.dtype):
         h = grouped_mm(x, w1, offsets, bias=bias1, backend=backend)  # [M, H]
         return gelu_grouped_mm(h, w2, offsets, bias=bias2, approximate=approximate, backend=backend)
     x, w1, offsets, b1 = _checked_args(op, x, w1, offsets, bias1)
