@@ -464,6 +464,16 @@ def microbench_cases(dry_run: bool) -> list[dict]:
     ]
 
 
+def _tma_failure() -> str | None:
+    """Why the launcher turned the persistent TMA kernel off in this process (None: it did not)."""
+    try:
+        from moe_kernels.ops import _triton
+
+        return _triton.TMA_FAILURE["error"]
+    except Exception:  # no triton (dry run without it)
+        return None
+
+
 def _tma_off(fn):
     """``fn`` run with MOE_KERNELS_TRITON_TMA=0 (read at each launch)."""
 
@@ -499,6 +509,7 @@ def stage_microbench(args) -> None:
         if nbytes and ms:
             rec["gb_s"] = round(nbytes / ms / 1e6, 1)
         records.append(rec)
+        out["tma_failure"] = _tma_failure()  # the launcher's fallback, if the TMA kernel failed
         _write_json(args.out, "microbench", out)  # flushed after every record
 
     def attempt(case, op, impl, fn, **kw):
@@ -677,6 +688,7 @@ def stage_layer(args) -> None:
                                        "peak_gib": None if peak is None else round(peak, 2)})  # fmt: skip
             except Exception as exc:
                 out["records"].append({**row, "impl": impl, "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
+            out["tma_failure"] = _tma_failure()
             _write_json(args.out, "layer", out)
         moe = [r for r in out["records"] if r["case"] == c["name"] and "ms" in r]
         if len(moe) == 2:
@@ -773,6 +785,11 @@ def write_summary(out: str, status: dict, dry_run: bool) -> None:
                   _md_table(recs, ["kernel", "dot", "config", "arch", "n_regs", "n_spills", "shared_bytes", "wgmma",
                                    "mma", "tma", "ldl", "stl"]),  # fmt: skip
                   f"{len(intro.get('kernels', []))} kernels compiled in all (introspect.json).", ""]
+    for stage in ("microbench", "layer"):
+        failed = (_read_json(out, stage) or {}).get("tma_failure")
+        if failed:
+            parts += [f"**The persistent TMA kernel failed in the {stage} stage and was turned off** (the"
+                      f" non-persistent kernel ran instead): {failed}", ""]  # fmt: skip
     mb = _read_json(out, "microbench")
     if mb:
         parts += [f"## Microbenchmarks ({mb.get('dtype')}, median of do_bench)", "",

@@ -259,6 +259,35 @@ def test_layouts_tma_cannot_read_fall_back(launches):
     assert [name for name, _ in launches] == ["grouped_mm"], "IEEE fp32"
 
 
+@in_child
+def test_a_failing_tma_kernel_falls_back_once_with_a_warning(launches, monkeypatch):
+    """In auto mode a TMA kernel that raises at compile or launch (e.g. a Triton without the
+    device-side descriptor API) is turned off for the process with one warning, and the call
+    still returns the right result from the non-persistent kernel; with the variable at 1 the
+    error is raised."""
+    offsets = torch.tensor([0, 7, 20])
+    x, w = torch.randn(20, 24), torch.randn(2, 16, 24)
+    tried = []
+
+    def broken(*args, **kwargs):
+        tried.append(1)
+        raise RuntimeError("no tensor descriptors here")
+
+    monkeypatch.setattr(_triton, "_forward_tma", broken)
+    monkeypatch.setattr(_triton, "tma_reasons", lambda *args: [])
+    monkeypatch.setitem(_triton.TMA_FAILURE, "error", None)
+    with pytest.raises(RuntimeError, match="no tensor descriptors here"):
+        _triton.grouped_mm(x, w, offsets)  # MOE_KERNELS_TRITON_TMA=1 in this child
+    monkeypatch.setenv(_triton.TMA_ENV, "auto")
+    launches.clear()
+    with pytest.warns(RuntimeWarning, match="persistent TMA grouped GEMM failed .*no tensor descriptors here"):
+        y = _triton.grouped_mm(x, w, offsets)
+    torch.testing.assert_close(y, reference.grouped_mm(x, w, offsets), atol=1e-5, rtol=1e-5)
+    assert [name for name, _ in launches] == ["grouped_mm"]
+    _triton.grouped_mm(x, w, offsets)
+    assert len(tried) == 2  # not tried again after the fallback
+
+
 # ------------------------------------------------------------------ the launcher's choice (CPU)
 def _dot(ieee: bool = False) -> dict:
     return {"INPUT_PRECISION": "ieee" if ieee else "tf32", "DOT_FP32": False}

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 
 import torch
 import triton
@@ -281,9 +282,14 @@ def _forward(x: Tensor, w: Tensor, offsets: Tensor, bias: Tensor | None, *, epil
     dot = _dot_options(x.dtype)
     b = bias if bias is not None else out  # placeholder pointer, unread without HAS_BIAS
     a = aux if aux is not None and aux.numel() else out  # placeholder pointer, untouched by EPI_NONE/EPI_ACT
-    if not tma_reasons(x, w, dot):
-        _forward_tma(x, w, out, offsets, b, a, dot, HAS_BIAS=bias is not None, EPILOGUE=epilogue, ACT=act)
-        return out
+    if TMA_FAILURE["error"] is None and not tma_reasons(x, w, dot):
+        try:
+            _forward_tma(x, w, out, offsets, b, a, dot, HAS_BIAS=bias is not None, EPILOGUE=epilogue, ACT=act)
+            return out
+        except Exception as exc:  # the kernel did not compile or launch on this Triton/driver
+            if os.environ.get(TMA_ENV, "auto").strip() == "1":
+                raise  # asked for explicitly (tests): the failure is the answer
+            _disable_tma(exc)
     candidates = _gm.fwd_configs(x.element_size() == 4 and dot["INPUT_PRECISION"] == "ieee")
     args = (
         x, w, out, offsets, b, a, M, N, KD, E, _config.m_bucket(M),
@@ -301,6 +307,20 @@ def _forward(x: Tensor, w: Tensor, offsets: Tensor, bias: Tensor | None, *, epil
 # kernel everywhere, e.g. to compare the two on one GPU); "1" as auto, and also on CPU tensors
 # under the interpreter (tests).
 TMA_ENV = "MOE_KERNELS_TRITON_TMA"
+# A first compile or launch of the TMA kernel that raises (a Triton without the device-side
+# descriptor API, a driver that rejects it) turns it off for the process with one warning; the
+# non-persistent kernel runs instead. Asynchronous CUDA errors do not surface here.
+TMA_FAILURE: dict[str, str | None] = {"error": None}
+
+
+def _disable_tma(exc: Exception) -> None:
+    TMA_FAILURE["error"] = f"{type(exc).__name__}: {exc}"
+    warnings.warn(
+        f"moe_kernels: the persistent TMA grouped GEMM failed ({TMA_FAILURE['error'][:300]}); the"
+        f" non-persistent kernel runs from now on in this process ({TMA_ENV}=0 chooses it from the start)",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 def _tma_aligned(t: Tensor, *strides: int) -> bool:
