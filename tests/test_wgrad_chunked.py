@@ -27,6 +27,7 @@ triton = pytest.importorskip("triton", reason="triton is not installed")
 
 from moe_kernels.kernels import grouped_mm as gm  # noqa: E402
 from moe_kernels.ops import _triton  # noqa: E402
+from tests.test_autotune import Recorder  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -69,17 +70,6 @@ def test_wgrad_chunk_decision():
     N, KD = 1024, 512  # 32 tiles per expert
     ch = _triton.wgrad_chunk(M, N, KD, 8, cfgs, 132)
     assert 2 * triton.cdiv(M, ch) * (N * KD + N) * 4 <= _triton.SPLIT_WORKSPACE_BYTES
-
-
-class Recorder:
-    def __init__(self):
-        self.calls = []
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            self.calls.append((grid, args, kwargs))
-
-        return launch
 
 
 @not_in_child
