@@ -239,54 +239,71 @@ TMA_KINDS = {
 KINDS = ("forward", "dx", "weight_grad", "weight_grad_split", "weight_grad_chunked", *FUSED, *TMA_KINDS)
 
 
-def aot_records(cc: int, dtypes=("fp16", "bf16", "fp32"), kinds=KINDS, limit: int | None = None) -> list[dict]:
-    """Compile every (kind, dtype, config) the launcher can pick for ``sm_<cc>``, plus the split
-    weight gradient's partial-sum kernel, and analyse the cubins. fp32 uses the IEEE-product
-    candidates (what the router runs); fp16/bf16 the tensor-core ones."""
-    from moe_kernels.kernels import grouped_mm as gm
+def _gemm_record(task: tuple) -> dict:
+    """One (cc, kind, dt, ieee, config index) compiled and analysed: its record (a worker's task)."""
+    cc, kind, dt, ieee, index = task
+    cfg = gemm_configs(kind, cc, 4 if dt == "fp32" else 2, ieee_fp32=ieee)[index]
+    fn, sig, const, div = gemm_signature(kind, dt)
+    const.update(INPUT_PRECISION="ieee" if ieee else "tf32", DOT_FP32=False, **cfg.kwargs)
+    k = compile_kernel(fn, cc, sig, const, div, cfg.num_warps, cfg.num_stages)
+    return _record(k, cc, f"grouped_mm_{kind}", dt, config_id(cfg))
 
+
+def _record(kernel, cc: int, name: str, dt: str, config: str) -> dict:
+    rec = {"kernel": name, "dtype": dt, "config": config, "arch": f"sm_{cc}", "shared_bytes": kernel.metadata.shared}
     cuobjdump = find_cuobjdump()
-    records = []
-
-    def add(kernel, name: str, dt: str, config: str) -> None:
-        rec = {"kernel": name, "dtype": dt, "config": config, "arch": f"sm_{cc}",
-               "shared_bytes": kernel.metadata.shared}  # fmt: skip
-        if cuobjdump:
+    if cuobjdump:
+        with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "k.cubin")
             with open(path, "wb") as f:
                 f.write(kernel.asm["cubin"])
             rec.update(analyze_cubin(path, cuobjdump))
-        records.append(rec)
+    return rec
 
-    with tempfile.TemporaryDirectory() as tmp:
-        for kind in kinds:
-            if kind in TMA_KINDS and cc < 90:
-                continue
-            for dt in dtypes:
-                ieee = dt == "fp32" and kind not in TMA_KINDS
-                elem_size = 4 if dt == "fp32" else 2
-                for cfg in gemm_configs(kind, cc, elem_size, ieee_fp32=ieee)[:limit]:
-                    fn, sig, const, div = gemm_signature(kind, dt)
-                    const.update(INPUT_PRECISION="ieee" if ieee else "tf32", DOT_FP32=False, **cfg.kwargs)
-                    k = compile_kernel(fn, cc, sig, const, div, cfg.num_warps, cfg.num_stages)
-                    add(k, f"grouped_mm_{kind}", dt, config_id(cfg))
-        if "weight_grad_split" in kinds:
-            for dt in dtypes:
-                sig = dict(WS_ptr="*fp32", Out_ptr=f"*{dt}", NUMEL="i32", SPLIT="i32")
-                divisible = ["WS_ptr", "Out_ptr", "NUMEL"]
-                k = compile_kernel(gm._split_sum_kernel, cc, sig, dict(BLOCK=1024), divisible, 4, 3)
-                add(k, "grouped_mm_split_sum", dt, "1024-w4")
-        if "weight_grad_chunked" in kinds:
-            from moe_kernels.kernels import grouped_mm_chunked as gmc
 
-            for dt in dtypes:
-                sig = dict(WS_ptr="*fp32", Out_ptr=f"*{dt}", Exp_ptr="*i64", NUMEL="i32")
-                divisible = ["WS_ptr", "Out_ptr", "Exp_ptr", "NUMEL"]
-                k = compile_kernel(gmc._chunk_sum_kernel, cc, sig, dict(BLOCK=1024), divisible, 4, 3)
-                add(k, "grouped_mm_chunk_sum", dt, "1024-w4")
-            sig = dict(Off_ptr="*i64", Sched_ptr="*i64", Exp_ptr="*i64", M="i32", E="i32", CH="i32")
-            k = compile_kernel(gmc._chunk_table_kernel, cc, sig, {}, ["Off_ptr", "Sched_ptr", "Exp_ptr"], 4, 3)
-            add(k, "grouped_mm_chunk_table", "i64", "w4")
+def aot_records(
+    cc: int, dtypes=("fp16", "bf16", "fp32"), kinds=KINDS, limit: int | None = None, jobs: int = 1
+) -> list[dict]:
+    """Compile every (kind, dtype, config) the launcher can pick for ``sm_<cc>``, plus the split
+    weight gradient's partial-sum kernel, and analyse the cubins. fp32 uses the IEEE-product
+    candidates (what the router runs); fp16/bf16 the tensor-core ones. ``jobs`` > 1 compiles the
+    GEMMs in that many spawned processes (a compile is single-threaded: 2 cores, half the time);
+    the records come in the same order either way."""
+    tasks = []
+    for kind in kinds:
+        if kind in TMA_KINDS and cc < 90:
+            continue
+        for dt in dtypes:
+            ieee = dt == "fp32" and kind not in TMA_KINDS
+            n = len(gemm_configs(kind, cc, 4 if dt == "fp32" else 2, ieee_fp32=ieee)[:limit])
+            tasks += [(cc, kind, dt, ieee, i) for i in range(n)]
+    if jobs > 1 and len(tasks) > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            records = list(pool.map(_gemm_record, tasks, chunksize=4))
+    else:
+        records = [_gemm_record(t) for t in tasks]
+    from moe_kernels.kernels import grouped_mm as gm
+
+    if "weight_grad_split" in kinds:
+        for dt in dtypes:
+            sig = dict(WS_ptr="*fp32", Out_ptr=f"*{dt}", NUMEL="i32", SPLIT="i32")
+            divisible = ["WS_ptr", "Out_ptr", "NUMEL"]
+            k = compile_kernel(gm._split_sum_kernel, cc, sig, dict(BLOCK=1024), divisible, 4, 3)
+            records.append(_record(k, cc, "grouped_mm_split_sum", dt, "1024-w4"))
+    if "weight_grad_chunked" in kinds:
+        from moe_kernels.kernels import grouped_mm_chunked as gmc
+
+        for dt in dtypes:
+            sig = dict(WS_ptr="*fp32", Out_ptr=f"*{dt}", Exp_ptr="*i64", NUMEL="i32")
+            divisible = ["WS_ptr", "Out_ptr", "Exp_ptr", "NUMEL"]
+            k = compile_kernel(gmc._chunk_sum_kernel, cc, sig, dict(BLOCK=1024), divisible, 4, 3)
+            records.append(_record(k, cc, "grouped_mm_chunk_sum", dt, "1024-w4"))
+        sig = dict(Off_ptr="*i64", Sched_ptr="*i64", Exp_ptr="*i64", M="i32", E="i32", CH="i32")
+        k = compile_kernel(gmc._chunk_table_kernel, cc, sig, {}, ["Off_ptr", "Sched_ptr", "Exp_ptr"], 4, 3)
+        records.append(_record(k, cc, "grouped_mm_chunk_table", "i64", "w4"))
     return records
 
 
@@ -306,11 +323,12 @@ def main(argv=None) -> int:
     p.add_argument("--arch", choices=["sm_80", "sm_90"], default="sm_90", help="target architecture")
     p.add_argument("--json", metavar="PATH", help="write the records here as JSON")
     p.add_argument("--limit", type=int, default=None, help="at most this many configs per kernel and dtype")
+    p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="compiling processes")
     args = p.parse_args(argv)
     if find_cuobjdump() is None:
         print("bench.kernels: no cuobjdump (CUDA toolkit or Triton's wheel): registers and SASS counts are missing",
               file=sys.stderr)  # fmt: skip
-    records = aot_records(int(args.arch[3:]), limit=args.limit)
+    records = aot_records(int(args.arch[3:]), limit=args.limit, jobs=args.jobs)
     print(table(records))
     if args.json:
         with open(args.json, "w") as f:
