@@ -213,9 +213,8 @@ def fused(op: str, backend: str, device: torch.device, dtype: torch.dtype) -> Ca
 def fuses_mlp(backend: str, device: torch.device, dtype: torch.dtype) -> bool:
     """Whether the backend that runs ``grouped_mm`` for ``device`` and ``dtype`` runs the expert
     MLP as one fused op (``Support.fused_mlp``, with fused epilogues)."""
-    if fused("grouped_mm_act", backend, device, dtype) is None:
-        return False
-    return support(choose("grouped_mm", backend, device, dtype)[0]).fused_mlp
+    sup = support(choose("grouped_mm", backend, device, dtype)[0])
+    return not isinstance(sup, str) and sup.fused_epilogues and sup.fused_mlp
 
 
 def available(device: torch.device | str = "cpu") -> dict[str, list[str]]:

@@ -290,74 +290,46 @@ void col_sums(at::Tensor dst, const at::Tensor& g) {
   });
 }
 
-// dst [N', Din'] = g [n, N']^T @ a [n, Din'] (an expert's rows): fp32 math in fixed chunks of at
-// most kRowTile rows summed in chunk order. One MKL sgemm over more than about 1,000 rows splits
-// the reduction by the thread count (measured: 1 vs 2 threads differed from 1,100 rows), which
-// would break the bitwise thread-count invariance of DESIGN.md 3.9; at most 512 rows a call it
-// does not, and the extra accumulation is 1/512 of the FLOPs. Native bf16/fp16 (the CPU's
+// dst [N', Din] = g [n, N']^T @ a [n, Din], a = x's rows of one expert, or gelu of them when
+// approx is set (fc2's weight gradient: x = h; GELU in x's dtype, as the unfused F.gelu(h), once
+// per row chunk, multiplied into every column part of dst while it is in cache). dst's rows are
+// cut into near-equal parts of at most `width`.
+//
+// fp32 math in fixed chunks of at most kRowTile rows summed in chunk order: one MKL sgemm over
+// more than about 1,000 rows splits the reduction by the thread count (measured: 1 vs 2 threads
+// differed from 1,100 rows), which would break the bitwise thread-count invariance of DESIGN.md
+// 3.9; at most 512 rows a call it does not, and the extra accumulation is 1/512 of the FLOPs
+// (inside the GEMM, beta = 1, on a cache-resident tile). Native bf16/fp16 (the CPU's
 // low-precision units; thread-count invariant as measured) is one GEMM over all rows.
-void wgrad_tile(at::Tensor dst, const at::Tensor& g, const at::Tensor& a, bool to_fp32, bool native) {
-  const int64_t n = g.size(0);
+void wgrad_rows(at::Tensor dst, const at::Tensor& g, const at::Tensor& x, const std::string* approx, int64_t width,
+                bool to_fp32, bool native) {
+  const int64_t n = g.size(0), N = g.size(1);
   if (n == 0) {
     dst.zero_();
     return;
   }
-  if (native) {
-    at::mm_out(dst, g.t(), a);
-    return;
-  }
-  const int64_t parts = (n + kRowTile - 1) / kRowTile;
+  const int64_t parts = native ? 1 : (n + kRowTile - 1) / kRowTile, col_parts = (N + width - 1) / width;
   const bool fp32_out = dst.scalar_type() == at::kFloat || dst.scalar_type() == at::kDouble;
-  at::Tensor acc = fp32_out ? dst : at::empty(dst.sizes(), dst.options().dtype(at::kFloat));
+  at::Tensor acc = native || fp32_out ? dst : at::empty(dst.sizes(), dst.options().dtype(at::kFloat));
   for (int64_t p = 0; p < parts; ++p) {
     const int64_t r0 = n * p / parts, rows = n * (p + 1) / parts - r0;
-    at::Tensor gc = g.narrow(0, r0, rows), ac = a.narrow(0, r0, rows);  // [rows, N'], [rows, Din']
+    at::Tensor gc = g.narrow(0, r0, rows), ac = x.narrow(0, r0, rows);  // [rows, N'], [rows, Din]
+    if (approx) ac = at::gelu(ac, *approx);
     if (to_fp32) {
       gc = gc.to(at::kFloat);
       ac = ac.to(at::kFloat);
     }
-    if (p == 0) {
-      at::mm_out(acc, gc.t(), ac);
-    } else {
-      acc.addmm_(gc.t(), ac);
-    }
-  }
-  if (!acc.is_same(dst)) dst.copy_(acc);  // rounded once to the low-precision dtype
-}
-
-// With GELU on x (fc2's weight gradient: x = h [M, H], grad_out [M, Dout]): one tile per expert,
-// which applies GELU to a chunk of at most kRowTile of its rows once (a [rows, Din] buffer the
-// size of the chunk, in x's dtype as the unfused F.gelu(h)) and multiplies it into every column
-// tile of dw[e] while it is in cache; chunks are summed in order, as in wgrad_tile.
-void expert_wgrad_act(at::Tensor dw_e, const at::Tensor& g, const at::Tensor& h, const std::string& approx,
-                      bool to_fp32, bool native) {
-  const int64_t n = g.size(0), N = g.size(1);
-  if (n == 0) {
-    dw_e.zero_();
-    return;
-  }
-  const int64_t width = native ? kColTileNative : kColTile;
-  const int64_t parts = native ? 1 : (n + kRowTile - 1) / kRowTile, col_parts = (N + width - 1) / width;
-  const bool fp32_out = dw_e.scalar_type() == at::kFloat || dw_e.scalar_type() == at::kDouble;
-  at::Tensor acc = native || fp32_out ? dw_e : at::empty(dw_e.sizes(), dw_e.options().dtype(at::kFloat));
-  for (int64_t p = 0; p < parts; ++p) {
-    const int64_t r0 = n * p / parts, rows = n * (p + 1) / parts - r0;
-    at::Tensor a = at::gelu(h.narrow(0, r0, rows), approx), gc = g.narrow(0, r0, rows);  // [rows, Din], [rows, N]
-    if (to_fp32) {
-      a = a.to(at::kFloat);
-      gc = gc.to(at::kFloat);
-    }
     for (int64_t c = 0; c < col_parts; ++c) {
       const int64_t c0 = N * c / col_parts, cols = N * (c + 1) / col_parts - c0;
-      at::Tensor dst = acc.narrow(0, c0, cols);
+      at::Tensor part = acc.narrow(0, c0, cols);
       if (p == 0) {
-        at::mm_out(dst, gc.narrow(1, c0, cols).t(), a);
+        at::mm_out(part, gc.narrow(1, c0, cols).t(), ac);
       } else {
-        dst.addmm_(gc.narrow(1, c0, cols).t(), a);
+        part.addmm_(gc.narrow(1, c0, cols).t(), ac);
       }
     }
   }
-  if (!acc.is_same(dw_e)) dw_e.copy_(acc);  // rounded once to the low-precision dtype
+  if (!acc.is_same(dst)) dst.copy_(acc);  // rounded once to the low-precision dtype
 }
 
 // (dw [E, N, Din], db [E, N]): per expert, grad_out^T @ a (a = x, or gelu(x) with approximate)
@@ -365,7 +337,7 @@ void expert_wgrad_act(at::Tensor dw_e, const at::Tensor& g, const at::Tensor& h,
 //
 // Without GELU the tiles cut dw's N (grad_out's columns): each tile reduces over its expert's
 // rows for its columns of dw and of db, reading grad_out's tile once for both. With GELU, one
-// tile per expert (expert_wgrad_act) and db in the same tile. Cutting x's columns instead would
+// tile per expert (GELU once per row, wgrad_rows) and db in the same tile. Cutting x's columns instead would
 // also compute each GELU once, but its [N, 128] products ran 1.25x slower (measured).
 std::tuple<at::Tensor, at::Tensor> weight_grad_impl(const char* op, const at::Tensor& x, const at::Tensor& grad_out,
                                                     const at::Tensor& offsets,
@@ -394,9 +366,11 @@ std::tuple<at::Tensor, at::Tensor> weight_grad_impl(const char* op, const at::Te
     const int64_t r0 = o[t.e], n = o[t.e + 1] - r0, cols = t.hi - t.lo;
     const at::Tensor g = grad_out.narrow(0, r0, n).narrow(1, t.lo, cols);  // [n, cols]
     if (per_expert) {
-      expert_wgrad_act(dw.select(0, t.e), g, x.narrow(0, r0, n), *approximate, to_fp32, native);
+      wgrad_rows(dw.select(0, t.e), g, x.narrow(0, r0, n), &*approximate, native ? kColTileNative : kColTile,
+                 to_fp32, native);
     } else if (need_dw) {
-      wgrad_tile(dw.select(0, t.e).narrow(0, t.lo, cols), g, x.narrow(0, r0, n), to_fp32, native);
+      wgrad_rows(dw.select(0, t.e).narrow(0, t.lo, cols), g, x.narrow(0, r0, n), nullptr, cols, to_fp32,
+                 native);
     }
     if (need_db) col_sums(db.select(0, t.e).narrow(0, t.lo, cols), g);
   });
