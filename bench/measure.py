@@ -269,6 +269,7 @@ def run_meta(device, sgemm_gflops: float, sgemm_t, sgemm_n: int, *, quick: bool,
         "versions": versions(),
         "threads": torch.get_num_threads(),
         "malloc": _malloc.MODE,
+        "cpu_wgrad_avx512": cpu_wgrad_avx512(),
         "sgemm_gflops": round(sgemm_gflops, 2),
         "sgemm": {
             "n": sgemm_n,
@@ -280,6 +281,15 @@ def run_meta(device, sgemm_gflops: float, sgemm_t, sgemm_n: int, *, quick: bool,
         "elapsed_s": round(elapsed, 1),
         **extra,
     }
+
+
+def cpu_wgrad_avx512() -> bool | None:
+    """Whether the CPU weight gradient's AVX-512 kernel is on (csrc/cpu/wgrad_avx512.h; off with
+    ``MOE_KERNELS_CPU_WGRAD=aten`` or without AVX-512F); ``None`` without the C++ extension."""
+    try:
+        return bool(torch.ops.moe_kernels_C.cpu_wgrad_avx512())
+    except (AttributeError, RuntimeError):
+        return None
 
 
 def versions() -> dict[str, str | None]:

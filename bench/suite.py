@@ -117,6 +117,9 @@ def run_layer_case(
                 log(f"  skip {case.name}/{impl}/{dtype_name}: {why}")
                 continue
         fn, inp, params = build_impl(impl, case, p, x, kept=kept, floor_form=floor_form or "bmm")
+        # The parameter gradients a backward leaves (in the step's peak memory): E expert weights'
+        # worth for an MoE layer against one for `dense`, whatever the kernels do.
+        extra["param_grad_mb"] = round(sum(t.numel() * t.element_size() for t in params) / 2**20, 2)
         if impl in bl.BASELINES:
             with torch.no_grad():
                 row_diff = (fn(x).float() - y_ours).abs().amax(-1)  # [T]

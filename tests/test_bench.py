@@ -232,6 +232,17 @@ def test_targets_say_what_is_missing():
     assert math.isnan(t[("vmoe_s32", "fp32", "x dense")]["value"]) and not t[("vmoe_s32", "fp32", "x dense")]["met"]
 
 
+def test_memory_less_the_parameter_gradients_is_information():
+    ours = dict(_rec("vmoe_s32", "moe_kernels", 100.0, mem=76.0), param_grad_mb=64.0)
+    dense = dict(_rec("vmoe_s32", "dense", 90.0, mem=24.0), param_grad_mb=8.0)
+    lines = report.memory_without_grads([ours, dense, _rec("vmoe_b16", "moe_kernels", 1.0)])
+    assert len(lines) == 1  # vmoe_b16 has no dense row and no gradient sizes
+    assert "12 MB against dense's 16 MB (x0.75; information, not a target" in lines[0]
+    assert lines[0] in report.targets([ours, dense])
+    t = _targets([ours, dense])
+    assert not t[("vmoe_s32", "fp32", "peak memory x dense")]["met"]  # the target itself is unchanged
+
+
 def test_step_backward_of_plain_and_constant_loss_outputs():
     w = torch.randn(3, 3, requires_grad=True)
     x = torch.randn(2, 3)
@@ -257,6 +268,10 @@ def test_main_writes_the_fields(tmp_path):
     assert data["sgemm_gflops"] > 0 and data["sgemm"]["n"] == 64
     assert {r["impl"] for r in data["records"]} >= {"moe_kernels", "moe_kernels_eval", "dense", "floor"}
     assert all(r["gflops"] > 0 for r in data["records"])
+    assert data["cpu_wgrad_avx512"] == bool(torch.ops.moe_kernels_C.cpu_wgrad_avx512())
+    layer = [r for r in data["records"] if r["case"] == TINY.name and ":" not in r["case"]]
+    grads = {r["impl"]: r["param_grad_mb"] for r in layer}
+    assert grads["moe_kernels"] > grads["dense"] > 0  # E experts' gradients against one MLP's
     assert "x dense" in out.stdout and "% sgemm" in out.stdout and "## Targets" in out.stdout
     assert png.stat().st_size > 0
 
