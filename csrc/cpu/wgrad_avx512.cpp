@@ -32,6 +32,7 @@ __attribute__((target("avx512f"))) void tile(int64_t P, const float* a, const fl
 #define MOEK_DECL(r) __m512 c##r##0 = _mm512_setzero_ps(), c##r##1 = _mm512_setzero_ps();
   MOEK_REP12(MOEK_DECL)
 #undef MOEK_DECL
+#pragma GCC unroll 4
   for (int64_t p = 0; p < P; ++p, a += kMR, b += kNR) {
     const __m512 b0 = _mm512_loadu_ps(b), b1 = _mm512_loadu_ps(b + 16);
 #define MOEK_STEP(r)                                   \
@@ -82,13 +83,16 @@ void wgrad_avx512(int64_t I, int64_t J, int64_t P, const float* A, int64_t lda, 
   // Per-thread packing buffers, grown to the largest call and kept (at most ~1 MiB of A and a
   // 64 KiB B strip at kWgradMaxRows).
   thread_local std::vector<float> pack_a, pack_b;
-  pack_a.assign(static_cast<size_t>(iblocks * P * kMR), 0.0f);
+  pack_a.resize(static_cast<size_t>(iblocks * P * kMR));
   pack_b.resize(static_cast<size_t>(P * kNR));
   // A's columns in panels of 12: panel ib holds A[p, 12*ib + r] at [ib][p][r], zero past I.
   for (int64_t ib = 0; ib < iblocks; ++ib) {
     const int64_t i0 = ib * kMR, ni = std::min(kMR, I - i0);
     float* dst = pack_a.data() + ib * P * kMR;
-    for (int64_t p = 0; p < P; ++p) std::memcpy(dst + p * kMR, A + p * lda + i0, ni * sizeof(float));
+    for (int64_t p = 0; p < P; ++p) {
+      std::memcpy(dst + p * kMR, A + p * lda + i0, ni * sizeof(float));
+      if (ni < kMR) std::memset(dst + p * kMR + ni, 0, (kMR - ni) * sizeof(float));
+    }
   }
   for (int64_t j0 = 0; j0 < J; j0 += kNR) {
     const int64_t nj = std::min(kNR, J - j0);
