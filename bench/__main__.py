@@ -25,7 +25,7 @@ import torch  # noqa: E402
 
 from bench import report  # noqa: E402
 from bench.cases import MAIN_CASES, SWEEP_CASES  # noqa: E402
-from bench.measure import cpuinfo, device_name, run_meta, sgemm  # noqa: E402
+from bench.measure import copy_rate, cpuinfo, device_name, run_meta, sgemm  # noqa: E402
 from bench.suite import run_layer_case, run_op_cases  # noqa: E402
 
 
@@ -39,6 +39,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dtypes", nargs="*", choices=("fp32", "bf16"), help="layer dtypes (default: fp32; full: + bf16)")
     ap.add_argument("--min-run-time", type=float, default=None, help="seconds per measurement")
     ap.add_argument("--sgemm-n", type=int, default=1536, help="size of the square fp32 matmul of sgemm_gflops")
+    ap.add_argument("--copy-mib", type=int, default=256, help="MiB copied to measure copy_gbps, the memory bandwidth")
     args = ap.parse_args(argv)
 
     device = torch.device(args.device)
@@ -55,6 +56,8 @@ def main(argv=None) -> int:
         f" ({sgemm_t.median_ms:.2f} ms ± {sgemm_t.iqr_ms:.2f}, {sgemm_t.runs} runs)",
         flush=True,
     )
+    copy_gbps, _ = copy_rate(device, args.copy_mib)
+    print(f"# memory copy ({args.copy_mib} MiB, fp32): {copy_gbps:.1f} GB/s read + written", flush=True)
     records, notes = [], []
     for dt in dtypes:
         dt_cases, kw = cases, dict(min_run_time=mrt, min_runs=runs, max_warmup=2 if quick else 4)
@@ -96,6 +99,7 @@ def main(argv=None) -> int:
         args.sgemm_n,
         quick=quick,
         elapsed=elapsed,
+        copy_gbps=round(copy_gbps, 2),
         notes=notes,
         command="python -m bench " + " ".join(argv if argv is not None else sys.argv[1:]),
     )

@@ -261,6 +261,26 @@ def sgemm(device: torch.device, n: int = 1536, runs: int = 9) -> tuple[float, Ti
     return 2.0 * n**3 / timing.median_ms / 1e6, timing
 
 
+def copy_rate(device: torch.device, mib: int = 256, runs: int = 7) -> tuple[float, Timing]:
+    """The machine's memory bandwidth: ``(GB/s, timing)`` of ``dst.copy_(src)`` on ``mib`` MiB of
+    fp32 (bytes read plus bytes written over the median time), after one warm-up. An MoE layer
+    reads E experts' weights where a dense MLP reads one, so its time over `dense`'s rises when the
+    bandwidth falls: this VM's bandwidth wanders between runs as its step times do."""
+    n = mib * 2**20 // 4
+    src = torch.ones(n, device=device)
+    dst = torch.empty(n, device=device)
+    timing = time_fn(functools.partial(dst.copy_, src), device, 0.2) if device.type == "cuda" else None
+    if timing is None:
+        dst.copy_(src)
+        times = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            dst.copy_(src)
+            times.append((time.perf_counter() - t0) * 1e3)
+        timing = Timing.of(times)
+    return 2.0 * n * 4 / timing.median_ms / 1e6, timing
+
+
 def run_meta(device, sgemm_gflops: float, sgemm_t, sgemm_n: int, *, quick: bool, elapsed: float, **extra) -> dict:
     """The top-level JSON fields every benchmark command writes: device, versions, threads, the
     machine's sgemm rate measured in the same run, ``quick``, ``elapsed_s``, then ``extra``."""

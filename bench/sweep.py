@@ -30,7 +30,7 @@ import torch  # noqa: E402
 
 from bench import report  # noqa: E402
 from bench.cases import EXPERT_SWEEP, TOKEN_SWEEP, LayerCase  # noqa: E402
-from bench.measure import device_name, run_meta, sgemm  # noqa: E402
+from bench.measure import copy_rate, device_name, run_meta, sgemm  # noqa: E402
 from bench.suite import run_layer_case  # noqa: E402
 
 IMPLS = ("moe_kernels", "dense")
@@ -86,6 +86,7 @@ def main(
     ap.add_argument("--quick", action="store_true", help="5 steps per implementation instead of 10")
     ap.add_argument("--min-run-time", type=float, default=None, help="seconds per measurement")
     ap.add_argument("--sgemm-n", type=int, default=1536, help="size of the square fp32 matmul of sgemm_gflops")
+    ap.add_argument("--copy-mib", type=int, default=256, help="MiB copied to measure copy_gbps, the memory bandwidth")
     args = ap.parse_args(argv)
 
     device = torch.device(args.device)
@@ -99,6 +100,8 @@ def main(
     print(f"# moe_kernels sweep on {device_name(device)}", flush=True)
     sgemm_gflops, sgemm_t = sgemm(device, args.sgemm_n)
     print(f"# sgemm ({args.sgemm_n}^3, fp32): {sgemm_gflops:.1f} GFLOP/s", flush=True)
+    copy_gbps, _ = copy_rate(device, args.copy_mib)
+    print(f"# memory copy ({args.copy_mib} MiB, fp32): {copy_gbps:.1f} GB/s read + written", flush=True)
     records = []
     for sweep in args.sweeps:
         records += run_sweep(
@@ -112,6 +115,7 @@ def main(
         args.sgemm_n,
         quick=args.quick,
         elapsed=elapsed,
+        copy_gbps=round(copy_gbps, 2),
         sweeps={s: [c.name for c in cases[s]] for s in args.sweeps},
         command="python -m bench.sweep " + " ".join(argv if argv is not None else sys.argv[1:]),
     )

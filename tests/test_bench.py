@@ -260,12 +260,12 @@ def test_main_writes_the_fields(tmp_path):
     code = (
         "import sys, bench.__main__ as m, tests.test_bench as t; m.MAIN_CASES = (t.TINY,);"
         f" sys.exit(m.main(['--quick', '--json', {str(js)!r}, '--plot', {str(png)!r}, '--sgemm-n', '64',"
-        " '--min-run-time', '0']))"
+        " '--copy-mib', '8', '--min-run-time', '0']))"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     data = json.loads(js.read_text())
-    assert data["sgemm_gflops"] > 0 and data["sgemm"]["n"] == 64
+    assert data["sgemm_gflops"] > 0 and data["sgemm"]["n"] == 64 and data["copy_gbps"] > 0
     assert {r["impl"] for r in data["records"]} >= {"moe_kernels", "moe_kernels_eval", "dense", "floor"}
     assert all(r["gflops"] > 0 for r in data["records"])
     assert data["cpu_wgrad_avx512"] == bool(torch.ops.moe_kernels_C.cpu_wgrad_avx512())
@@ -336,12 +336,12 @@ def test_sweep_main_writes_records_and_plot(tmp_path):
     code = (
         "import sys, torch, bench.sweep as s, tests.test_bench as t; torch.set_num_threads(1);"
         f" sys.exit(s.main(['--quick', '--json', {str(js)!r}, '--plot', {str(png)!r}, '--sgemm-n', '64',"
-        " '--min-run-time', '0'], token_cases=t.TINY_TOKENS, expert_cases=t.TINY_EXPERTS))"
+        " '--copy-mib', '8', '--min-run-time', '0'], token_cases=t.TINY_TOKENS, expert_cases=t.TINY_EXPERTS))"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     data = json.loads(js.read_text())
-    assert data["sgemm_gflops"] > 0 and data["threads"] == 1 and data["quick"]
+    assert data["sgemm_gflops"] > 0 and data["copy_gbps"] > 0 and data["threads"] == 1 and data["quick"]
     assert data["sweeps"] == {"tokens": [c.name for c in TINY_TOKENS], "experts": [c.name for c in TINY_EXPERTS]}
     recs = data["records"]
     cases = {c.name: (sweep, c) for sweep, cs in (("tokens", TINY_TOKENS), ("experts", TINY_EXPERTS)) for c in cs}
