@@ -347,9 +347,9 @@ bool use_wgrad_avx512(const at::Tensor& x, const at::Tensor& grad_out) {
 }
 
 // dw [E, N, Din] (and db [E, N]) with wgrad_avx512 for the experts of at most kWgradRows rows and
-// wgrad_rows (ATen, in 128-column parts) for longer ones: the kernel ran 5-15% faster than MKL
-// up to ~200 rows and slower from ~250 (V-MoE-S/32 widths, 2 threads, measured; at <= 256 rows
-// the two gave bitwise the same sums). Tiles of at most kWgradColTile rows of dw (columns of
+// wgrad_rows (ATen, in 128-column parts) for longer ones. Measured at V-MoE-S/32 widths with 2
+// threads: 13-18% less time than MKL at ~100 rows per expert, ~7% at 128, even around 200, up to
+// 7% more at 256 (at <= 256 rows the two gave bitwise the same sums); with one thread, even. Tiles of at most kWgradColTile rows of dw (columns of
 // grad_out), cut at multiples of 12 so every register tile is the same computation whatever the
 // split; with GELU (fc2's weight gradient), one tile per expert, so gelu(x) is computed once per
 // row. Which path an expert takes depends on its row count only: results stay thread-count
