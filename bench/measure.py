@@ -247,17 +247,7 @@ def sgemm(device: torch.device, n: int = 1536, runs: int = 9) -> tuple[float, Ti
     g = torch.Generator().manual_seed(5)
     a, b = (torch.randn(n, n, generator=g).to(device) for _ in range(2))
     out = torch.empty(n, n, device=device)
-    run = functools.partial(torch.mm, a, b, out=out)
-    if device.type == "cuda":
-        timing = time_fn(run, device, 0.2)
-    else:
-        run()
-        times = []
-        for _ in range(runs):
-            t0 = time.perf_counter()
-            run()
-            times.append((time.perf_counter() - t0) * 1e3)
-        timing = Timing.of(times)
+    timing = _median_calls(functools.partial(torch.mm, a, b, out=out), device, runs)
     return 2.0 * n**3 / timing.median_ms / 1e6, timing
 
 
@@ -269,16 +259,22 @@ def copy_rate(device: torch.device, mib: int = 256, runs: int = 7) -> tuple[floa
     n = mib * 2**20 // 4
     src = torch.ones(n, device=device)
     dst = torch.empty(n, device=device)
-    timing = time_fn(functools.partial(dst.copy_, src), device, 0.2) if device.type == "cuda" else None
-    if timing is None:
-        dst.copy_(src)
-        times = []
-        for _ in range(runs):
-            t0 = time.perf_counter()
-            dst.copy_(src)
-            times.append((time.perf_counter() - t0) * 1e3)
-        timing = Timing.of(times)
+    timing = _median_calls(functools.partial(dst.copy_, src), device, runs)
     return 2.0 * n * 4 / timing.median_ms / 1e6, timing
+
+
+def _median_calls(run: Callable[[], object], device: torch.device, runs: int) -> Timing:
+    """``run``'s timing for the machine-rate probes: one warm-up, then ``runs`` timed calls (CPU);
+    ``time_fn`` on a GPU."""
+    if device.type == "cuda":
+        return time_fn(run, device, 0.2)
+    run()
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        run()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return Timing.of(times)
 
 
 def run_meta(device, sgemm_gflops: float, sgemm_t, sgemm_n: int, *, quick: bool, elapsed: float, **extra) -> dict:

@@ -83,7 +83,7 @@ def test_kernel_matches_the_reference_and_the_aten_path(monkeypatch, sizes, N, D
 
 
 @needs_avx512
-def test_plain_weight_gradient_op_takes_the_kernel_too(monkeypatch):
+def test_plain_op_matches_the_reference(monkeypatch):
     offsets, x, g = _case((50, 3, 0, 90), 36, 40)
     monkeypatch.setenv(ENV, "auto")
     dw = ops.grouped_mm_weight_grad(x, g, offsets)
@@ -112,6 +112,8 @@ def test_the_kernel_runs_instead_of_aten_matmuls(monkeypatch):
     monkeypatch.setenv(ENV, "aten")
     assert _aten_matmuls(lambda: ops.grouped_mm_weight_grad(x, g, offsets)) > 0
     monkeypatch.setenv(ENV, "auto")
+    # fc2's fused form (GELU on the rows, bias sums) takes the kernel as well
+    assert _aten_matmuls(lambda: ops.grouped_mm_weight_grad_fused(x, g, offsets, "tanh", True, True)) == 0
     long_offsets, lx, lg = _case((LIMIT + 1, 30), 48, 64)
     assert _aten_matmuls(lambda: ops.grouped_mm_weight_grad(lx, lg, long_offsets)) > 0
 

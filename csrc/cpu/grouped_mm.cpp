@@ -107,13 +107,17 @@ bool lowp_native(at::ScalarType dtype) {
 }
 
 // Splits [0, n) of every expert e into ceil(n / tile) near-equal tiles (n = rows of e, or a
-// fixed width): 800 rows at tile 512 are 400 + 400, not 512 + 288.
+// fixed width): 800 rows at tile 512 are 400 + 400, not 512 + 288. With align > 1 the inner
+// boundaries are rounded up to multiples of align (empty tiles dropped).
 template <typename LenFn>
-std::vector<Tile> make_tiles(int64_t E, int64_t tile, LenFn len) {
+std::vector<Tile> make_tiles(int64_t E, int64_t tile, LenFn len, int64_t align = 1) {
   std::vector<Tile> tiles;
   for (int64_t e = 0; e < E; ++e) {
     const int64_t n = len(e), parts = (n + tile - 1) / tile;
-    for (int64_t p = 0; p < parts; ++p) tiles.push_back({e, n * p / parts, n * (p + 1) / parts});
+    auto bound = [&](int64_t p) { return p == parts ? n : std::min(n, (n * p / parts + align - 1) / align * align); };
+    for (int64_t p = 0; p < parts; ++p) {
+      if (bound(p + 1) > bound(p)) tiles.push_back({e, bound(p), bound(p + 1)});
+    }
   }
   return tiles;
 }
@@ -334,71 +338,36 @@ void wgrad_rows(at::Tensor dst, const at::Tensor& g, const at::Tensor& x, const 
   if (!acc.is_same(dst)) dst.copy_(acc);  // rounded once to the low-precision dtype
 }
 
-// Whether the fp32 weight gradient goes through wgrad_avx512_tiles: AVX-512F and unit column
-// strides. MOE_KERNELS_CPU_WGRAD=aten forces the ATen path everywhere ("auto", the default, lets
-// the kernel run where it can); read each call so tests and benchmarks can compare the two.
-bool use_wgrad_avx512(const at::Tensor& x, const at::Tensor& grad_out) {
+// Whether the weight gradient's AVX-512 kernel may run: the CPU has AVX-512F and
+// MOE_KERNELS_CPU_WGRAD is not "aten" ("auto", the default, lets it run); read each call so tests
+// and benchmarks can compare the two paths.
+bool wgrad_avx512_on() {
   const char* env = std::getenv("MOE_KERNELS_CPU_WGRAD");
   const std::string mode = env ? env : "";
   TORCH_CHECK(mode.empty() || mode == "auto" || mode == "aten",
               "moe_kernels: MOE_KERNELS_CPU_WGRAD must be auto or aten, got '", mode, "'");
-  return mode != "aten" && x.scalar_type() == at::kFloat && wgrad_avx512_available() && x.stride(1) == 1 &&
-         grad_out.stride(1) == 1;
+  return mode != "aten" && wgrad_avx512_available();
 }
 
-// dw [E, N, Din] (and db [E, N]) with wgrad_avx512 for the experts of at most kWgradRows rows and
-// wgrad_rows (ATen, in 128-column parts) for longer ones. Measured at V-MoE-S/32 widths with 2
-// threads: 13-18% less time than MKL at ~100 rows per expert, ~7% at 128, even around 200, up to
-// 7% more at 256 (at <= 256 rows the two gave bitwise the same sums); with one thread, even. Tiles of at most kWgradColTile rows of dw (columns of
-// grad_out), cut at multiples of 12 so every register tile is the same computation whatever the
-// split; with GELU (fc2's weight gradient), one tile per expert, so gelu(x) is computed once per
-// row. Which path an expert takes depends on its row count only: results stay thread-count
-// invariant.
+// Experts of at most kWgradRows rows take wgrad_avx512 (fp32, unit column strides), longer ones
+// wgrad_rows (MKL). Measured at V-MoE-S/32 widths with 2 threads: 13-18% less time than MKL at
+// ~100 rows per expert, ~7% at 128, even around 200, up to 7% more at 256 (at <= 256 rows the
+// two gave bitwise the same sums); with one thread, even. On that path dw's tiles are at most
+// kWgradColTile of its rows, cut at multiples of 12, so every register tile is the same
+// computation whatever the split. Which path an expert takes depends on its row count only:
+// results stay thread-count invariant.
 constexpr int64_t kWgradRows = 192;
 constexpr int64_t kWgradColTile = 384;
 static_assert(kWgradRows <= kWgradMaxRows, "wgrad_avx512 takes at most kWgradMaxRows rows");
-
-void wgrad_avx512_tiles(const at::Tensor& x, const at::Tensor& grad_out, const int64_t* o, int64_t E,
-                        const c10::optional<std::string>& approximate, at::Tensor& dw, at::Tensor* db) {
-  const int64_t N = grad_out.size(1), Din = x.size(1);
-  const int64_t width = approximate.has_value() ? N : kWgradColTile;
-  const int64_t parts = (N + width - 1) / width;
-  std::vector<Tile> tiles;
-  for (int64_t e = 0; e < E; ++e) {
-    for (int64_t p = 0; p < parts; ++p) {
-      const int64_t lo = std::min(N, (N * p / parts + 11) / 12 * 12);
-      const int64_t hi = p + 1 == parts ? N : std::min(N, (N * (p + 1) / parts + 11) / 12 * 12);
-      if (hi > lo) tiles.push_back({e, lo, hi});
-    }
-  }
-  float* dw_p = dw.data_ptr<float>();
-  const std::string* approx = approximate.has_value() ? &*approximate : nullptr;
-  for_each_tile(static_cast<int64_t>(tiles.size()), [&](int64_t i) {
-    const Tile& t = tiles[i];
-    const int64_t r0 = o[t.e], n = o[t.e + 1] - r0, cols = t.hi - t.lo;
-    const at::Tensor g = grad_out.narrow(0, r0, n);  // [n, N]
-    if (n > kWgradRows) {
-      wgrad_rows(dw.select(0, t.e).narrow(0, t.lo, cols), g.narrow(1, t.lo, cols), x.narrow(0, r0, n), approx,
-                 kColTile, false, false);
-    } else if (n == 0) {
-      float* dst = dw_p + (t.e * N + t.lo) * Din;
-      std::fill(dst, dst + cols * Din, 0.0f);
-    } else {
-      const at::Tensor a = approx ? at::gelu(x.narrow(0, r0, n), *approx) : x.narrow(0, r0, n);
-      wgrad_avx512(cols, Din, n, g.data_ptr<float>() + t.lo, g.stride(0), a.data_ptr<float>(), a.stride(0),
-                   dw_p + (t.e * N + t.lo) * Din, Din);
-    }
-    if (db) col_sums(db->select(0, t.e).narrow(0, t.lo, cols), g.narrow(1, t.lo, cols));
-  });
-}
 
 // (dw [E, N, Din], db [E, N]): per expert, grad_out^T @ a (a = x, or gelu(x) with approximate)
 // and grad_out's column sums; an unneeded one is an empty [0].
 //
 // Without GELU the tiles cut dw's N (grad_out's columns): each tile reduces over its expert's
 // rows for its columns of dw and of db, reading grad_out's tile once for both. With GELU, one
-// tile per expert (GELU once per row, wgrad_rows) and db in the same tile. Cutting x's columns instead would
-// also compute each GELU once, but its [N, 128] products ran 1.25x slower (measured).
+// tile per expert (GELU once per row) and db in the same tile. Cutting x's columns instead would
+// also compute each GELU once, but its [N, 128] products ran 1.25x slower (measured). fp32
+// experts of at most kWgradRows rows run wgrad_avx512, the others wgrad_rows.
 std::tuple<at::Tensor, at::Tensor> weight_grad_impl(const char* op, const at::Tensor& x, const at::Tensor& grad_out,
                                                     const at::Tensor& offsets,
                                                     const c10::optional<std::string>& approximate, bool need_dw,
@@ -419,22 +388,27 @@ std::tuple<at::Tensor, at::Tensor> weight_grad_impl(const char* op, const at::Te
   const bool native = (dtype == at::kBFloat16 || dtype == at::kHalf) && lowp_native(dtype);
   const bool to_fp32 = (dtype == at::kBFloat16 || dtype == at::kHalf) && !native;
   const bool per_expert = approximate.has_value() && need_dw;
-  if (need_dw && use_wgrad_avx512(x, grad_out)) {
-    wgrad_avx512_tiles(x, grad_out, o, E, approximate, dw, need_db ? &db : nullptr);
-    return {dw, db};
-  }
-  const int64_t width = per_expert ? N : native ? kColTileNative : kColTile;
-  const auto tiles = make_tiles(E, width, [&](int64_t) { return N; });
+  const bool avx512 = need_dw && dtype == at::kFloat && x.stride(1) == 1 && grad_out.stride(1) == 1 &&
+                      wgrad_avx512_on();
+  const int64_t width = per_expert ? N : avx512 ? kWgradColTile : native ? kColTileNative : kColTile;
+  const auto tiles = make_tiles(E, width, [&](int64_t) { return N; }, avx512 ? 12 : 1);
+  const std::string* approx = approximate.has_value() ? &*approximate : nullptr;
   for_each_tile(static_cast<int64_t>(tiles.size()), [&](int64_t i) {
     const Tile& t = tiles[i];
     const int64_t r0 = o[t.e], n = o[t.e + 1] - r0, cols = t.hi - t.lo;
     const at::Tensor g = grad_out.narrow(0, r0, n).narrow(1, t.lo, cols);  // [n, cols]
-    if (per_expert) {
-      wgrad_rows(dw.select(0, t.e), g, x.narrow(0, r0, n), &*approximate, native ? kColTileNative : kColTile,
-                 to_fp32, native);
-    } else if (need_dw) {
-      wgrad_rows(dw.select(0, t.e).narrow(0, t.lo, cols), g, x.narrow(0, r0, n), nullptr, cols, to_fp32,
-                 native);
+    if (need_dw) {
+      at::Tensor dst = dw.select(0, t.e).narrow(0, t.lo, cols), a = x.narrow(0, r0, n);
+      if (avx512 && n > 0 && n <= kWgradRows) {
+        if (approx) a = at::gelu(a, *approx);  // fresh, contiguous
+        wgrad_avx512(cols, Din, n, g.data_ptr<float>(), g.stride(0), a.data_ptr<float>(), a.stride(0),
+                     dst.data_ptr<float>(), dst.stride(0));
+      } else {
+        // Column parts of the wide tiles (GELU's whole expert, the AVX-512 path's 384 rows) keep
+        // each GEMM at kColTile (kColTileNative natively); the others are one GEMM per tile.
+        const int64_t part = per_expert || avx512 ? (native ? kColTileNative : kColTile) : cols;
+        wgrad_rows(dst, g, a, approx, part, to_fp32, native);
+      }
     }
     if (need_db) col_sums(db.select(0, t.e).narrow(0, t.lo, cols), g);
   });
@@ -464,10 +438,7 @@ TORCH_LIBRARY_FRAGMENT(moe_kernels_C, m) {
   m.def("cpu_lowp_gemm_native(ScalarType dtype) -> bool", &moek::lowp_native);
   // Whether fp32 weight gradients of experts of at most cpu_wgrad_avx512_rows() rows run the
   // AVX-512 kernel (wgrad_avx512.h) now: the CPU has AVX-512F and MOE_KERNELS_CPU_WGRAD allows it.
-  m.def("cpu_wgrad_avx512() -> bool", [] {
-    const at::Tensor probe = at::empty({1, 1});
-    return moek::use_wgrad_avx512(probe, probe);
-  });
+  m.def("cpu_wgrad_avx512() -> bool", &moek::wgrad_avx512_on);
   m.def("cpu_wgrad_avx512_rows() -> int", [] { return moek::kWgradRows; });
 }
 
